@@ -1,0 +1,94 @@
+"""Optimizers of the study (SPEC §5): SGD with momentum, Adam, RMSprop.
+
+The optimizer owns only the update rule. The Keras ``decay`` argument, which the study used
+on every optimizer (Hernia's Adam included), is an lr policy here: ``time_decay`` or any policy
+with ``PolicyConfig.decay`` (see :mod:`cxr_ray.schedules`), stepped once per optimizer step.
+:func:`stage1_setup` puts the two together for a cohort from Table 4.
+
+Defaults follow Keras where the study relied on them: SGD momentum 0.9 (Table 4), Adam
+``betas=(0.9, 0.999)`` (Table 4's "momentum 0.9" for Hernia is beta1), ``eps=1e-7`` for Adam and
+RMSprop, RMSprop ``rho=0.9`` and momentum 0 (torch's RMSprop defaults are alpha 0.99, eps 1e-8).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from cxr_ray.errors import UserError
+from cxr_ray.presets import TABLE4_MOMENTUM, stage1_policy, stage1_recipe
+from cxr_ray.schedules import PolicyConfig, PolicyLR
+
+log = logging.getLogger(__name__)
+
+#: Optimizer names :func:`build_optimizer` accepts.
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+
+
+@dataclass
+class OptimizerConfig:
+    """One optimizer. The lr here is only the starting value; the lr policy overrides it."""
+
+    name: str = "sgd"
+    """``sgd``, ``adam`` or ``rmsprop``."""
+    lr: float = 0.01
+    """Initial lr (the policy sets the lr of step 0 on construction anyway)."""
+    momentum: float | None = None
+    """SGD/RMSprop momentum, Adam beta1. ``None``: SGD 0.9 (Table 4), Adam 0.9, RMSprop 0.0."""
+    nesterov: bool = False
+    """SGD only: Nesterov momentum (Keras default off)."""
+    beta2: float = 0.999
+    """Adam only: second-moment decay (Keras default)."""
+    rho: float = 0.9
+    """RMSprop only: squared-gradient decay (Keras ``rho``; torch calls it ``alpha``)."""
+    eps: float = 1e-7
+    """Adam/RMSprop epsilon (Keras default 1e-7)."""
+    weight_decay: float = 0.0
+    """torch's L2 term folded into the gradient; 0 because the study's penalties are explicit
+    loss terms (:meth:`cxr_ray.models.head.CxrClassifier.penalty`)."""
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], name: str = "sgd",
+                    lr: float = 0.01, momentum: float | None = None,
+                    **kwargs: object) -> torch.optim.Optimizer:
+    """``build_optimizer(model.parameters(), "sgd", lr=0.01)`` (or pass an OptimizerConfig's
+    fields). ``momentum=None`` picks the per-optimizer default documented above."""
+    cfg = OptimizerConfig(name=str(name).lower(), lr=lr, momentum=momentum, **kwargs)  # type: ignore[arg-type]
+    return optimizer_from_config(params, cfg)
+
+
+def optimizer_from_config(params: Iterable[torch.nn.Parameter] | Iterable[dict],
+                          cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """Build the torch optimizer an :class:`OptimizerConfig` describes."""
+    if cfg.name not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {cfg.name!r}; valid: {', '.join(OPTIMIZERS)}")
+    if not cfg.lr > 0:
+        raise UserError(f"optimizer lr must be > 0, got {cfg.lr}")
+    if cfg.name == "sgd":
+        m = TABLE4_MOMENTUM if cfg.momentum is None else cfg.momentum
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=m, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        b1 = 0.9 if cfg.momentum is None else cfg.momentum
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(b1, cfg.beta2), eps=cfg.eps,
+                                weight_decay=cfg.weight_decay)
+    m = 0.0 if cfg.momentum is None else cfg.momentum
+    return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rho, eps=cfg.eps, momentum=m,
+                               weight_decay=cfg.weight_decay)
+
+
+def stage1_setup(params: Iterable[torch.nn.Parameter] | Iterable[dict], cohort: str
+                 ) -> tuple[torch.optim.Optimizer, PolicyLR]:
+    """Table 4 for ``cohort``: its optimizer (momentum 0.9) and its time-decay scheduler.
+
+    The scheduler has set the lr of step 0; step it once per optimizer step.
+    """
+    recipe = stage1_recipe(cohort)
+    opt = build_optimizer(params, recipe.optimizer, lr=recipe.lr0, momentum=TABLE4_MOMENTUM)
+    policy: PolicyConfig = stage1_policy(cohort)
+    log.debug("stage 1 %s: %s lr0=%g decay=%g", cohort, recipe.optimizer, recipe.lr0,
+              recipe.decay)
+    return opt, PolicyLR(opt, policy)
