@@ -23,14 +23,17 @@ Keras semantics reproduced (keras_preprocessing ``get_random_transform``,
   the content shrinks (zoom **out**), a zoom < 1 zooms in;
 * shifts ~ U(-0.1, 0.1) × the image height (rows) and width (columns), in
   pixels;
-* order of composition, around the image centre ((H-1)/2, (W-1)/2), in Keras'
-  (row, col) pixel coordinates, output → input::
+* order of composition: Keras multiplies homogeneous 3×3 matrices
+  ``R · T · Sh · Z`` (rotation, shift, shear, zoom) and conjugates them with a
+  move to the image centre c = ((H-1)/2, (W-1)/2).  In Keras' (row, col) pixel
+  coordinates, output → input, that is::
 
-      p_in - c = R(θ) · [Shift(t) ·] Shear(s) · Zoom(zy, zx) · (p_out - c) (+ R(θ)·t)
+      p_in - c = R · Sh · Z · (p_out - c) + R · t
 
-  i.e. ``R · T · Sh · Z`` exactly as Keras multiplies them, with
-  ``R = [[cos, -sin], [sin, cos]]``, ``Sh = [[1, -sin s], [0, cos s]]``,
-  ``Z = diag(zoom_y, zoom_x)`` and ``t = (shift_y·H, shift_x·W)``;
+  with ``R = [[cos θ, -sin θ], [sin θ, cos θ]]``, ``Sh = [[1, -sin s], [0, cos s]]``,
+  ``Z = diag(zoom_y, zoom_x)`` and ``t = (shift_y·H, shift_x·W)`` (Keras' ``tx``
+  is the *row* shift, ``ty`` the column shift; its ``zx`` scales rows).  Since
+  input = output + t, a positive shift moves the content up / left;
 * bilinear interpolation (Keras ``order=1``) and ``fill_mode='nearest'``,
   which is ``grid_sample(padding_mode="border")`` here;
 * the horizontal flip (p = 0.5) comes *after* the affine warp in Keras; a
@@ -64,6 +67,20 @@ Determinism.  Two ways to draw parameters:
   under a seed" means *deterministic given (seed, epoch, image id)*.  A new
   epoch gives new parameters.  This is what :class:`AugmentBatch` uses.
 
+Where it runs (numbers: ``bench/augment.py`` → bench/RESULTS.md, 2-core CPU): one
+CPU thread augments about 1,000 images/s at 224² and about 10,000 at 64², 5–7×
+Keras' per-image scipy loop and 100–400× the rate at which MobileNetV1 trains on
+the same CPU.  The default is the training worker, right after the uint8 batch
+reaches its device (:func:`augment_by_id`): the worker knows its epoch, so the
+parameters change every epoch and stay reproducible without rebuilding Ray
+datasets; the host → device copy stays uint8; on a GPU the warp is one
+``grid_sample`` per batch (expected to be negligible; no GPU was measured), on a
+CPU it is well under 1 % of a step.  :class:`AugmentBatch` in Ray Data is the
+alternative when spare CPU cores exist and the device is saturated: budget one
+Ray CPU per ~700–1,000 images/s at 224².  Use one intra-op thread per process
+(Ray tasks get ``OMP_NUM_THREADS=1``): on a busy machine two threads were 3–20×
+*slower* than one.
+
 Scaling: the model sees float32 ``(N, 1, H, W)`` in ``[0, 1]`` (pixel / 255,
 Keras' ``rescale=1/255`` applied after the random transform, as Keras does).
 Any further normalisation belongs to the model, so that train and evaluation
@@ -89,6 +106,8 @@ __all__ = [
     "AugmentParams",
     "affine_matrices",
     "augment",
+    "augment_by_id",
+    "counter_uniforms",
     "image_keys",
     "params_for_ids",
     "params_from_uniforms",
@@ -250,13 +269,13 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def image_keys(ids: np.ndarray | list[Any]) -> np.ndarray:
+def image_keys(ids: np.ndarray | torch.Tensor | list[Any]) -> np.ndarray:
     """64-bit keys for image ids: integers as they are, strings by a stable hash.
 
     Python's ``hash()`` is salted per process, so strings use BLAKE2b (a short
     Python loop, about a microsecond per id, negligible next to the warp).
     """
-    arr = np.asarray(ids)
+    arr = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
     if arr.ndim != 1:
         raise ValueError(f"image ids must be one-dimensional, got shape {arr.shape}")
     if np.issubdtype(arr.dtype, np.integer):
@@ -273,7 +292,9 @@ def image_keys(ids: np.ndarray | list[Any]) -> np.ndarray:
     return np.asarray(keys, dtype=np.uint64)
 
 
-def counter_uniforms(ids: np.ndarray | list[Any], seed: int, epoch: int, k: int = N_UNIFORMS) -> np.ndarray:
+def counter_uniforms(
+    ids: np.ndarray | torch.Tensor | list[Any], seed: int, epoch: int, k: int = N_UNIFORMS
+) -> np.ndarray:
     """Uniforms in [0, 1) of shape (len(ids), k), each a pure function of (seed, epoch, id, column)."""
     key = _splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
     key = _splitmix64(key ^ np.array([epoch & _MASK64], dtype=np.uint64))
@@ -285,7 +306,7 @@ def counter_uniforms(ids: np.ndarray | list[Any], seed: int, epoch: int, k: int 
 
 
 def params_for_ids(
-    ids: np.ndarray | list[Any], *, seed: int, epoch: int, cfg: AugmentConfig
+    ids: np.ndarray | torch.Tensor | list[Any], *, seed: int, epoch: int, cfg: AugmentConfig
 ) -> AugmentParams:
     """Parameters for the given images, deterministic in (seed, epoch, image id), order independent."""
     u = torch.from_numpy(counter_uniforms(ids, seed, epoch))
@@ -403,6 +424,22 @@ def _sampling_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     b = theta[:, None, None, :, 1]
     c = theta[:, None, None, :, 2]
     return xs[None, None, :, None] * a + (ys[None, :, None, None] * b + c)  # (n, h, w, 2)
+
+
+def augment_by_id(
+    images: torch.Tensor | np.ndarray,
+    ids: np.ndarray | torch.Tensor | list[Any],
+    *,
+    seed: int,
+    epoch: int,
+    cfg: AugmentConfig,
+) -> torch.Tensor:
+    """The training worker's one call: :func:`params_for_ids` + :func:`augment` on ``images``' device.
+
+    ``images`` is the uint8 batch as stored (e.g. from ``iter_torch_batches``, already on
+    the GPU); ``ids`` its image ids (an integer column converts to torch; strings stay numpy).
+    """
+    return augment(images, params_for_ids(ids, seed=seed, epoch=epoch, cfg=cfg), cfg)
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ own construction: its 3×3 matrices fed to ``scipy.ndimage.affine_transform``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from cxr_ray.augment import (
     AugmentParams,
     affine_matrices,
     augment,
+    augment_by_id,
     counter_uniforms,
     image_keys,
     params_for_ids,
@@ -143,7 +145,16 @@ def test_deterministic_under_seed_epoch_and_ids():
     assert not torch.allclose(run(0, 0), run(0, 1))  # new epoch, new augmentation
     assert not torch.allclose(run(0, 0), run(1, 0))  # new seed, new augmentation
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(augment(img, sample_params(6, g1, cfg), cfg), augment(img, sample_params(6, g2, cfg), cfg))
+    first = augment(img, sample_params(6, g1, cfg), cfg)
+    assert torch.equal(first, augment(img, sample_params(6, g2, cfg), cfg))
+
+
+def test_augment_by_id_takes_torch_ids_from_the_training_loop():
+    cfg = AugmentConfig()
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 16, 16), dtype=np.uint8))
+    ids = torch.tensor([3, 1, 4, 1_000_000])
+    expected = augment(img, params_for_ids(ids.numpy(), seed=2, epoch=5, cfg=cfg), cfg)
+    assert torch.equal(augment_by_id(img, ids, seed=2, epoch=5, cfg=cfg), expected)
 
 
 def test_image_keys_are_stable_for_strings_and_exact_for_ints():
@@ -151,7 +162,8 @@ def test_image_keys_are_stable_for_strings_and_exact_for_ints():
     assert keys.dtype == np.uint64 and keys[0] != keys[1]
     # A fixed value: BLAKE2b, not Python's per-process salted hash().
     assert np.array_equal(keys, image_keys(["00000001_000.png", "00000002_000.png"]))
-    assert int(image_keys(["x"])[0]) == int.from_bytes(__import__("hashlib").blake2b(b"x", digest_size=8).digest(), "little")
+    digest = hashlib.blake2b(b"x", digest_size=8).digest()
+    assert int(image_keys(["x"])[0]) == int.from_bytes(digest, "little")
     assert image_keys(np.array([5, -1])).tolist() == [5, 2**64 - 1]
     with pytest.raises(ValueError):
         image_keys(np.array([1.5]))
@@ -260,7 +272,8 @@ def test_brightness_multiplies_and_clips():
     assert out.tolist() == pytest.approx([0, 150 / 255, 1.0, 75 / 255], abs=1e-6)
     out = augment(img, one(brightness=0.4), no_stretch)[0, 0, 0]
     assert out.tolist() == pytest.approx([0, 40 / 255, 80 / 255, 20 / 255], abs=1e-6)
-    # Keras' default first stretches to [0, 255] (200 → 255, 100 → 127.5), then multiplies: 191.25 → 0.75.
+    # Keras' default first stretches to [0, 255] (200 → 255, 100 → 127.5), then multiplies:
+    # 127.5 × 1.5 = 191.25 → 0.75.
     out = augment(img, one(brightness=1.5), AugmentConfig())[0, 0, 0]
     assert out.tolist() == pytest.approx([0, 0.75, 1.0, 0.375], abs=1e-6)
     # A constant image becomes 0 under Keras' stretch (x - min == 0).
@@ -296,7 +309,9 @@ def test_matches_keras_construction_with_scipy():
     img = rng.integers(0, 256, (6, h, w), dtype=np.uint8)
     p = sample_params(6, torch.Generator().manual_seed(3), AugmentConfig())
     # Exaggerate rotation and shear so that an ordering or sign error cannot hide.
-    p = dataclasses.replace(p, angle_deg=p.angle_deg * 4, shear_deg=p.shear_deg * 300, flip=torch.zeros(6, dtype=torch.bool))
+    p = dataclasses.replace(
+        p, angle_deg=p.angle_deg * 4, shear_deg=p.shear_deg * 300, flip=torch.zeros(6, dtype=torch.bool)
+    )
     out = augment(img, p, GEOMETRY_ONLY)[:, 0].double().numpy() * 255
     for i in range(6):
         # Keras' tx is the row (height) shift in pixels, ty the column shift; zx scales rows.
@@ -349,6 +364,7 @@ def test_augment_batch_on_a_numpy_dict():
 
 
 def test_augment_batch_disabled_equals_eval_path():
-    batch = {"image": np.random.default_rng(0).integers(0, 256, (3, 8, 8), dtype=np.uint8), "image_id": np.arange(3)}
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    batch = {"image": pixels, "image_id": np.arange(3)}
     out = AugmentBatch(AugmentConfig.none(), seed=0)(batch)
     assert np.array_equal(out["image"], batch["image"])
