@@ -1,0 +1,205 @@
+"""The `cxr-ray` command line: parse arguments, call the library, print results.
+
+Every subcommand is a pair: ``_add_<name>(subparsers)`` declares its flags and
+``_cmd_<name>(args)`` runs it.  Handlers stay thin; the work lives in the library.
+A :class:`~cxr_ray.errors.UserError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from cxr_ray.errors import UserError
+
+log = logging.getLogger("cxr_ray")
+
+
+# --------------------------------------------------------------------------- cohorts
+def _add_cohorts(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cohorts",
+        help="print the class table and the 15 cohorts (sizes, patient-wise splits)",
+        description="Read NIH metadata, print the per-class table (SPEC Table 1) and, for each of "
+        "the 15 cohorts, positives, negatives, train/test images and patients.",
+    )
+    _metadata_flag(p)
+    p.add_argument("--negatives", choices=["ratio", "paper"], default="ratio",
+                   help="No Finding negatives per cohort: 1:1 with positives (ratio, default) "
+                        "or the study's Table 2 counts (paper)")
+    p.add_argument("--seed", type=int, default=0, help="seed for negative sampling and the split")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="fraction of patients in the test split (default 0.2, the study's 1:4)")
+    p.add_argument("--split", choices=["patient", "official"], default="patient",
+                   help="patient: seeded patient-wise split (default); official: NIH split lists")
+    p.add_argument("--split-dir", type=Path, default=None,
+                   help="directory holding train_val_list.txt and test_list.txt "
+                        "(for --split official; default: the metadata file's directory)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=_cmd_cohorts)
+
+
+def _cmd_cohorts(args: argparse.Namespace) -> int:
+    from cxr_ray import cohorts, nih
+
+    meta = nih.load_metadata(args.metadata)
+    classes = nih.class_table(meta)
+    recipe = cohorts.CohortConfig(
+        negatives=args.negatives, seed=args.seed, test_fraction=args.test_fraction,
+        split=args.split, split_dir=args.split_dir or _default_split_dir(args.metadata),
+    )
+    built = cohorts.build_all(meta, recipe)
+    summary = cohorts.summarize(built)
+    if args.json:
+        print(json.dumps({"classes": classes, "cohorts": summary}, indent=2))
+    else:
+        print(nih.format_class_table(classes))
+        print()
+        print(cohorts.format_summary(summary))
+    return 0
+
+
+def _default_split_dir(metadata: Path | None) -> Path | None:
+    return metadata.parent if metadata is not None else None
+
+
+# --------------------------------------------------------------------------- synth
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic NIH-layout data set (real metadata rows, learnable images)",
+        description="Sample real rows of the NIH metadata and draw a synthetic but learnable "
+        "chest-like PNG for each: DIR/images/*.png, DIR/Data_Entry_2017.csv, split lists.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--per-class", type=int, default=40,
+                   help="images sampled per finding (and for No Finding); default 40")
+    p.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling and drawing")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes drawing images (default: all cores)")
+    _metadata_flag(p)
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from cxr_ray import synth
+
+    result = synth.write_dataset(
+        args.out, per_class=args.per_class, size=args.size, seed=args.seed,
+        metadata=args.metadata, workers=args.workers,
+    )
+    print(f"wrote {result.images} images ({result.megabytes:.1f} MB) to {result.out} "
+          f"in {result.seconds:.1f} s ({result.images / max(result.seconds, 1e-9):.1f} images/s)")
+    return 0
+
+
+# --------------------------------------------------------------------------- schedule
+def _add_schedule(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "schedule",
+        help="preview an lr policy: the lr in force at every optimizer step",
+        description="Print (or plot) the lr of each optimizer step 0..N-1 under a policy: "
+        "constant, time_decay, triangular, triangular2, exp_range, modified_triangular2, "
+        "one_cycle. Step 0 is base_lr; a CLR peak is at step STEP_SIZE, the base again at "
+        "2*STEP_SIZE. Example: cxr-ray schedule --policy modified_triangular2 --base-lr 0.0075 "
+        "--max-lr 0.03 --step-size 4 --steps 40 --json",
+    )
+    p.add_argument("--policy", required=True,
+                   help="constant, time_decay, triangular, triangular2, exp_range, "
+                        "modified_triangular2 or one_cycle")
+    p.add_argument("--base-lr", type=float, required=True,
+                   help="lr at step 0: the lower CLR bound, lr0 of constant/time_decay, the "
+                        "start of one_cycle")
+    p.add_argument("--max-lr", type=float, default=None,
+                   help="upper bound (CLR policies and one_cycle)")
+    p.add_argument("--step-size", type=int, default=None,
+                   help="CLR half cycle in optimizer steps (the study: 2 epochs' worth)")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps to preview")
+    p.add_argument("--gamma", type=float, default=1.0,
+                   help="exp_range: amplitude scale gamma**step, in (0, 1] (default 1)")
+    p.add_argument("--decay", type=float, default=0.0,
+                   help="Keras time decay: lr / (1 + decay*step); for CLR policies it composes "
+                        "on top (the study's SGD with decay + CLR); default 0")
+    p.add_argument("--pct-start", type=float, default=0.3,
+                   help="one_cycle: fraction of the steps spent rising (default 0.3)")
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="only for --plot and the summary: label the x axis in epochs")
+    p.add_argument("--json", action="store_true",
+                   help='print {"lr": [lr at step 0, ..., lr at step N-1]}')
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                   help="draw the schedule to a PNG file")
+    p.set_defaults(func=_cmd_schedule)
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    from cxr_ray import schedules
+
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
+        raise UserError(f"--steps-per-epoch must be >= 1, got {args.steps_per_epoch}")
+    config = schedules.PolicyConfig(
+        name=args.policy, base_lr=args.base_lr, max_lr=args.max_lr, step_size=args.step_size,
+        gamma=args.gamma, decay=args.decay, total_steps=args.steps, pct_start=args.pct_start,
+    )
+    lrs = schedules.policy_lrs(config, args.steps)
+    if args.plot is not None:
+        path = schedules.plot_schedule(lrs, args.plot, title=schedules.describe_policy(config),
+                                       steps_per_epoch=args.steps_per_epoch)
+        log.info("wrote %s", path)
+    if args.json:
+        print(json.dumps({"lr": lrs}))
+        return 0
+    print(f"{schedules.describe_policy(config)}; {args.steps} steps")
+    print(f"lr: first {lrs[0]:.6g}, min {min(lrs):.6g}, max {max(lrs):.6g}, last {lrs[-1]:.6g}")
+    found = schedules.peaks(lrs)
+    if found:
+        shown = ", ".join(f"{lr:.6g} @ {step}" for step, lr in found[:12])
+        more = f" (+{len(found) - 12} more)" if len(found) > 12 else ""
+        print(f"peaks (lr @ step): {shown}{more}")
+    return 0
+
+
+# --------------------------------------------------------------------------- helpers
+def _metadata_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metadata", type=Path, default=None,
+                   help="NIH metadata CSV or CSV.gz (default: the real Data_Entry_2017_v2020 "
+                        "table shipped in torchxrayvision)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxr-ray",
+        description="Ray-distributed training of NIH ChestX-ray14 classifiers and the "
+        "cyclical-learning-rate study.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_cohorts, _add_synth, _add_schedule):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"cxr-ray {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"cxr-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

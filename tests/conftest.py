@@ -1,0 +1,21 @@
+"""Shared fixtures: the real NIH metadata (loaded once) and one tiny synthetic data set."""
+
+from __future__ import annotations
+
+import pytest
+
+from cxr_ray import nih, synth
+
+
+@pytest.fixture(scope="session")
+def real_meta():
+    """The real Data_Entry_2017_v2020 table shipped in torchxrayvision (112,120 rows)."""
+    return nih.load_metadata()
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory):
+    """A small NIH-layout synthetic data set: 3 images per class at 64², seed 0."""
+    out = tmp_path_factory.mktemp("synth")
+    synth.write_dataset(out, per_class=3, size=64, seed=0, workers=2)
+    return out
