@@ -67,19 +67,20 @@ Determinism.  Two ways to draw parameters:
   under a seed" means *deterministic given (seed, epoch, image id)*.  A new
   epoch gives new parameters.  This is what :class:`AugmentBatch` uses.
 
-Where it runs (numbers: ``bench/augment.py`` → bench/RESULTS.md, 2-core CPU): one
-CPU thread augments about 1,000 images/s at 224² and about 10,000 at 64², 5–7×
-Keras' per-image scipy loop and 100–400× the rate at which MobileNetV1 trains on
-the same CPU.  The default is the training worker, right after the uint8 batch
+Where it runs (numbers: ``bench/augment.py`` → bench/RESULTS.md, a busy 2-core CPU):
+one CPU thread augments about 900–1,200 images/s at 224² and 6,000–12,000 at 64²,
+3–6× Keras' per-image scipy loop and 200–700× the rate at which MobileNetV1 trains
+on the same CPU.  The default is the training worker, right after the uint8 batch
 reaches its device (:func:`augment_by_id`): the worker knows its epoch, so the
 parameters change every epoch and stay reproducible without rebuilding Ray
 datasets; the host → device copy stays uint8; on a GPU the warp is one
 ``grid_sample`` per batch (expected to be negligible; no GPU was measured), on a
 CPU it is well under 1 % of a step.  :class:`AugmentBatch` in Ray Data is the
-alternative when spare CPU cores exist and the device is saturated: budget one
-Ray CPU per ~700–1,000 images/s at 224².  Use one intra-op thread per process
-(Ray tasks get ``OMP_NUM_THREADS=1``): on a busy machine two threads were 3–20×
-*slower* than one.
+alternative when spare CPU cores exist and the device is saturated: a local Ray
+Data pipeline did ~700 images/s at 224² end to end on 2 busy cores, so budget
+one Ray CPU per few hundred images/s at 224².  Use one intra-op thread per
+process (Ray tasks get ``OMP_NUM_THREADS=1``): on the busy machine two threads
+were 1.5–20× *slower* than one.
 
 Scaling: the model sees float32 ``(N, 1, H, W)`` in ``[0, 1]`` (pixel / 255,
 Keras' ``rescale=1/255`` applied after the random transform, as Keras does).
