@@ -1,6 +1,6 @@
 """The study's numbers as data (SPEC §2, §5, §6, §7), so reports can print them side by side.
 
-Sources: the paper's Tables 3–8 and its text (``/work/shared/seeds/002_*.txt``). Cohort names
+Sources: the paper's Tables 3–8 and its text (SPEC.md restates them). Cohort names
 use the metadata CSV's spelling (``Pleural_Thickening``) plus ``OneClass`` for the anomaly
 cohort; :func:`canonical_cohort` accepts any case and ``_``/space/``-`` variant.
 
@@ -14,18 +14,12 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from cxr_ray.cohorts import COHORTS, ONE_CLASS
 from cxr_ray.errors import UserError
+from cxr_ray.nih import DISEASES
 from cxr_ray.schedules import PolicyConfig
 
-#: The 14 findings, in the metadata CSV's spelling.
-DISEASES: tuple[str, ...] = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Emphysema", "Effusion", "Fibrosis",
-    "Infiltration", "Mass", "Nodule", "Pneumothorax", "Pneumonia", "Pleural_Thickening", "Hernia",
-)
-#: The one-class (anomaly) cohort's name.
-ONE_CLASS = "OneClass"
-#: All 15 cohorts.
-COHORTS: tuple[str, ...] = (*DISEASES, ONE_CLASS)
+# DISEASES, ONE_CLASS and COHORTS (the 15 names) are cxr_ray.nih's and cxr_ray.cohorts', re-used.
 
 
 def canonical_cohort(name: str) -> str:

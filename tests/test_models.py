@@ -63,8 +63,22 @@ def test_alexnet_minimum_input_is_63px():
     model = create_model("alexnet").eval()
     with torch.no_grad():
         assert model(torch.randn(1, 1, 63, 63)).shape == (1,)
+        assert model.backbone.features(torch.randn(1, 1, 63, 63)).shape[-2:] == (1, 1)
+        with pytest.raises(RuntimeError):  # torchvision's layers themselves cannot go lower
+            model.backbone.features(torch.randn(1, 1, 62, 62))
+        with pytest.raises(ValueError, match=r"alexnet needs inputs of at least 63 px, got "
+                                             r"\(62, 80\)"):
+            model(torch.randn(1, 1, 62, 80))
+
+
+def test_densenet121_minimum_input_is_29px():
+    model = create_model("densenet121").eval()
+    with torch.no_grad():
+        assert model.backbone.features(torch.randn(1, 1, 29, 29)).shape == (1, 1024, 1, 1)
         with pytest.raises(RuntimeError):
-            model(torch.randn(1, 1, 62, 62))
+            model.backbone.features(torch.randn(1, 1, 28, 28))
+        with pytest.raises(ValueError, match="densenet121 needs inputs of at least 29 px"):
+            model(torch.randn(1, 1, 28, 28))
 
 
 def test_mobilenet_v1_parameter_counts_match_keras():

@@ -9,7 +9,7 @@ ImageNet files) whose ``forward`` returns the last feature map for the GAP head.
   ``AdaptiveAvgPool2d(6)`` + 58 M-parameter classifier are dropped because the head pools
   globally.
 * ``densenet121``: torchvision's ``DenseNet.features`` followed by the ReLU that torchvision
-  applies in ``forward`` (1024 channels). Inputs of at least **32 px** (32 px → a 1×1 map).
+  applies in ``forward`` (1024 channels). Inputs of at least **29 px** (29 px → a 1×1 map).
 
 Grayscale: the first convolution is rebuilt with ``in_chans`` input channels; ImageNet weights
 are folded into it on loading (see :func:`cxr_ray.models.adapt_input_conv`).
@@ -25,13 +25,19 @@ import torchvision
 from torch import nn
 
 #: Smallest input side (px) each backbone accepts.
-MIN_INPUT_SIZE = {"alexnet": 63, "densenet121": 32}
+MIN_INPUT_SIZE = {"alexnet": 63, "densenet121": 29}
 
 # torchvision's old DenseNet checkpoints use 'norm.1'-style keys; its loader renames them.
 _DENSENET_OLD_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
     r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
+
+
+def _check_size(x: torch.Tensor, name: str) -> None:
+    if min(x.shape[-2:]) < MIN_INPUT_SIZE[name]:
+        raise ValueError(f"{name} needs inputs of at least {MIN_INPUT_SIZE[name]} px, got "
+                         f"{tuple(x.shape[-2:])}")
 
 
 def _replace_first_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
@@ -59,6 +65,7 @@ class AlexNetFeatures(nn.Module):
                 m.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_size(x, "alexnet")
         return self.features(x)
 
 
@@ -73,6 +80,7 @@ class DenseNet121Features(nn.Module):
         self.features.conv0 = _replace_first_conv(self.features.conv0, in_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_size(x, "densenet121")
         return F.relu(self.features(x))
 
 
