@@ -46,8 +46,8 @@ GENERATOR_VERSION = 1
 CONTRAST: dict[str, tuple[float, float]] = {
     "Atelectasis": (0.02, 0.12), "Cardiomegaly": (0.0, 1.0), "Consolidation": (0.03, 0.16),
     "Edema": (0.03, 0.14), "Emphysema": (0.02, 0.10), "Effusion": (0.05, 0.22),
-    "Fibrosis": (0.02, 0.09), "Infiltration": (0.01, 0.09), "Mass": (0.04, 0.20),
-    "Nodule": (0.04, 0.20), "Pneumothorax": (0.02, 0.09), "Pneumonia": (0.01, 0.09),
+    "Fibrosis": (0.02, 0.09), "Infiltration": (0.01, 0.09), "Mass": (0.08, 0.26),
+    "Nodule": (0.08, 0.26), "Pneumothorax": (0.02, 0.09), "Pneumonia": (0.01, 0.09),
     "Pleural_Thickening": (0.03, 0.14), "Hernia": (0.08, 0.22),
 }
 
@@ -168,7 +168,7 @@ def draw_image(image_index: str, findings: tuple[str, ...], size: int, seed: int
         half = (xx < 0.5) if side == 0 else (xx >= 0.5)
         phase = (yy - 0.9 * (xx - cx) ** 2) / period
         ribs = (0.5 + 0.5 * np.cos(2 * np.pi * phase)) ** 6
-        c.img += 0.07 * ribs * lung_field * half
+        c.img += 0.05 * ribs * lung_field * half
     c.ellipse(0.5, 0.5, 0.035, 0.5, u(0.10, 0.16), edge=0.3)  # spine / mediastinum
     scale = u(1.28, 1.55) if "Cardiomegaly" in has else u(0.88, 1.12)
     heart = (0.54 + u(-0.01, 0.01), 0.63, 0.11 * scale, 0.095 * scale)
@@ -225,7 +225,7 @@ def draw_image(image_index: str, findings: tuple[str, ...], size: int, seed: int
         elif d == "Nodule":
             v = contrast(d)
             for _ in range(int(rng.integers(1, 4))):
-                r = u(0.014, 0.026)
+                r = u(0.022, 0.034)
                 c.ellipse(lcx + u(-0.6, 0.6) * lrx, lcy + u(-0.7, 0.6) * lry, r, r,
                           v * u(0.8, 1.0), edge=0.1)
         elif d == "Pleural_Thickening":

@@ -1,0 +1,110 @@
+"""The embedded data set: NIH layout, real rows, deterministic, learnable but not trivial."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_ray import cohorts, nih, synth
+
+
+def test_layout_and_rows_are_real(tiny_synth, real_meta):
+    meta = nih.load_metadata(tiny_synth / "Data_Entry_2017.csv")
+    # Every row is a real NIH row, unchanged.
+    real = real_meta.set_index(nih.IMAGE)
+    mine = meta.set_index(nih.IMAGE)
+    cols = [nih.FINDINGS, nih.PATIENT, "Follow-up #", "View Position", nih.SEX]
+    assert (real.loc[mine.index, cols].astype(str).values == mine[cols].astype(str).values).all()
+    # Every disease has at least the requested images, and No Finding as many as disease rows.
+    table = nih.class_table(meta)
+    assert all(table[d]["anywhere"] >= 3 for d in nih.DISEASES)
+    assert table[nih.NO_FINDING]["anywhere"] == len(meta) - table[nih.NO_FINDING]["anywhere"]
+    # One 8-bit grayscale PNG per row, at the requested size.
+    files = sorted(p.name for p in (tiny_synth / "images").iterdir())
+    assert files == sorted(meta[nih.IMAGE])
+    with Image.open(tiny_synth / "images" / files[0]) as im:
+        assert im.mode == "L" and im.size == (64, 64)
+
+
+def test_split_lists_are_patient_wise_and_complete(tiny_synth):
+    meta = nih.load_metadata(tiny_synth / "Data_Entry_2017.csv")
+    train = (tiny_synth / "train_val_list.txt").read_text().split()
+    test = (tiny_synth / "test_list.txt").read_text().split()
+    assert sorted(train + test) == sorted(meta[nih.IMAGE]) and test
+    pid = meta.set_index(nih.IMAGE)[nih.PATIENT]
+    assert not set(pid[train]) & set(pid[test])
+    # The lists drive the official split mode.
+    built = cohorts.build_all(meta, cohorts.CohortConfig(split="official", split_dir=tiny_synth))
+    assert set(built["Mass"].image_index[built["Mass"].split == "test"]) <= set(test)
+
+
+def test_deterministic_per_seed_and_different_across_seeds(tmp_path, tiny_synth):
+    again = synth.write_dataset(tmp_path / "again", per_class=3, size=64, seed=0, workers=1)
+    assert again.images == len(list((tiny_synth / "images").iterdir()))
+    for path in sorted((tiny_synth / "images").iterdir())[:10]:
+        a = np.asarray(Image.open(path))
+        b = np.asarray(Image.open(tmp_path / "again" / "images" / path.name))
+        assert (a == b).all()
+    one = synth.draw_image("00000001_000.png", ("Mass",), 64, seed=1)
+    zero = synth.draw_image("00000001_000.png", ("Mass",), 64, seed=0)
+    assert (one != zero).any()
+
+
+def test_findings_change_the_image():
+    base = synth.draw_image("00000005_000.png", (nih.NO_FINDING,), 128, seed=3)
+    for disease in nih.DISEASES:
+        img = synth.draw_image("00000005_000.png", (disease,), 128, seed=3)
+        assert np.abs(img.astype(int) - base).mean() > 0.3, disease
+
+
+def test_png_size_is_realistic_at_1024():
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(synth.draw_image("00000009_000.png", ("Effusion",), 1024, 0)).save(buf, "PNG")
+    assert 150_000 < len(buf.getvalue()) < 1_200_000  # real NIH PNGs: hundreds of KB
+
+
+@pytest.mark.slow
+def test_a_small_cnn_learns_above_chance_but_not_perfectly(tmp_path):
+    """Learnability: a 3-layer detector CNN at 64 px beats chance on each cohort, never 100 %."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    synth.write_dataset(tmp_path, per_class=120, size=64, seed=0, workers=2)
+    meta = nih.load_metadata(tmp_path / "Data_Entry_2017.csv")
+    built = cohorts.build_all(meta, cohorts.CohortConfig(), names=("Mass", "Pneumonia"))
+
+    def load(names):
+        return torch.tensor(np.stack([np.asarray(Image.open(tmp_path / "images" / n), np.float32)
+                                      for n in names]) / 255.0)[:, None]
+
+    accuracy = {}
+    for name, frame in built.items():
+        tr, te = frame[frame.split == "train"], frame[frame.split == "test"]
+        x, y = load(tr.image_index), torch.tensor(tr.label.to_numpy(), dtype=torch.float32)
+        xt, yt = load(te.image_index), torch.tensor(te.label.to_numpy())
+        layers, ch = [], 1
+        for out in (16, 32, 64):
+            layers += [nn.Conv2d(ch, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
+            ch = out
+        model = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(ch, 1))
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        for _ in range(20):
+            model.train()
+            for idx in torch.randperm(len(x)).split(16):
+                loss = F.binary_cross_entropy_with_logits(model(x[idx]).squeeze(1), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        model.eval()
+        with torch.no_grad():
+            acc = ((model(xt).squeeze(1) > 0).long() == yt).float().mean().item()
+        accuracy[name] = acc
+    # Clearly above chance, clearly below perfect, and not equally hard.
+    assert all(0.6 <= acc <= 0.99 for acc in accuracy.values()), accuracy
+    assert max(accuracy.values()) - min(accuracy.values()) > 0.04, accuracy
