@@ -164,6 +164,68 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- prepare
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="decode every listed image once into Parquet shards + the 15 cohort tables (Ray Data)",
+        description="Decode every image the metadata lists (8-bit grey; RGB/RGBA/16-bit converted), "
+        "resize it to SIZE² with antialiasing and write SHARDS/images/*.parquet, "
+        "SHARDS/cohorts/<Cohort>.parquet, SHARDS/quarantine.csv (files that could not be used, "
+        "with the reason) and SHARDS/manifest.json (written last: a set without it is "
+        "incomplete). Runs on a local Ray started for the command, or on the cluster at "
+        "--address / RAY_ADDRESS. Example: cxr-ray prepare --data /tmp/s --out /tmp/sh --size 64",
+    )
+    p.add_argument("--data", type=Path, required=True,
+                   help="data directory: images anywhere below it, metadata, split lists")
+    p.add_argument("--out", type=Path, required=True, help="shard directory (SHARDS)")
+    p.add_argument("--size", type=int, default=224,
+                   help="training resolution: images become SIZE×SIZE (default 224)")
+    p.add_argument("--metadata", type=Path, default=None,
+                   help="NIH metadata CSV or CSV.gz (default: DATA/Data_Entry_2017.csv if present, "
+                        "else the real table shipped in torchxrayvision)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 2 if any listed image was quarantined (the shard set is still written)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray for the command)")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even if SHARDS is up to date or was prepared with other settings")
+    p.add_argument("--negatives", choices=["ratio", "paper"], default="ratio",
+                   help="No Finding negatives per cohort: 1:1 (ratio, default) or Table 2 (paper)")
+    p.add_argument("--seed", type=int, default=0, help="seed for negative sampling and the split")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="fraction of each cohort's images in the test split (default 0.2)")
+    p.add_argument("--split", choices=["patient", "official"], default="patient",
+                   help="patient: seeded patient-wise split (default); official: NIH split lists")
+    p.add_argument("--split-dir", type=Path, default=None,
+                   help="directory with train_val_list.txt and test_list.txt (default: --data)")
+    p.add_argument("--shard-rows", type=int, default=None,
+                   help="at most this many images per shard (default: about 64 MB of pixels)")
+    p.add_argument("--throttle-s", type=float, default=0.0, help=argparse.SUPPRESS)  # tests only
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from cxr_ray import cohorts, pipeline
+
+    recipe = cohorts.CohortConfig(
+        negatives=args.negatives, seed=args.seed, test_fraction=args.test_fraction,
+        split=args.split, split_dir=args.split_dir or args.data,
+    )
+    config = pipeline.PrepareConfig(
+        data=args.data, out=args.out, size=args.size, metadata=args.metadata, cohort=recipe,
+        address=args.address, force=args.force, shard_rows=args.shard_rows,
+        throttle_s=args.throttle_s,
+    )
+    result = pipeline.prepare(config)
+    print(result.summary())
+    if result.quarantined:
+        if args.strict:
+            raise UserError(result.quarantine_line())
+        print(f"cxr-ray prepare: warning: {result.quarantine_line()}", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- helpers
 def _metadata_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata", type=Path, default=None,
@@ -179,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_cohorts, _add_synth, _add_schedule):
+    for add in (_add_cohorts, _add_synth, _add_schedule, _add_prepare):
         add(sub)
     return parser
 
