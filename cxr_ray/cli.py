@@ -38,6 +38,8 @@ def _add_cohorts(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-dir", type=Path, default=None,
                    help="directory holding train_val_list.txt and test_list.txt "
                         "(for --split official; default: the metadata file's directory)")
+    p.add_argument("--cohort", action="append", default=None, metavar="NAME",
+                   help="only this cohort (repeatable; default: all 15)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=_cmd_cohorts)
 
@@ -51,7 +53,8 @@ def _cmd_cohorts(args: argparse.Namespace) -> int:
         negatives=args.negatives, seed=args.seed, test_fraction=args.test_fraction,
         split=args.split, split_dir=args.split_dir or _default_split_dir(args.metadata),
     )
-    built = cohorts.build_all(meta, recipe)
+    names = tuple(cohorts.resolve_cohort(n) for n in args.cohort) if args.cohort else cohorts.COHORTS
+    built = cohorts.build_all(meta, recipe, names=names)
     summary = cohorts.summarize(built)
     if args.json:
         print(json.dumps({"classes": classes, "cohorts": summary}, indent=2))

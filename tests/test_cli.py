@@ -36,6 +36,8 @@ def test_cohorts_table_and_synth_round_trip(tmp_path):
     table = run("cohorts", "--metadata", str(tmp_path / "Data_Entry_2017.csv"),
                 "--split", "official").stdout
     assert "Pleural_Thickening" in table and "OneClass" in table and "train pat." in table
+    only = json.loads(run("cohorts", "--cohort", "hernia", "--cohort", "OneClass", "--json").stdout)
+    assert list(only["cohorts"]) == ["Hernia", "OneClass"]
 
 
 @pytest.mark.parametrize("args, expect", [
@@ -44,6 +46,7 @@ def test_cohorts_table_and_synth_round_trip(tmp_path):
     (["cohorts", "--metadata", "{tmp}/dup.csv", "--split", "official"], "duplicate Image Index"),
     (["cohorts", "--split", "official"], "--split official needs --split-dir"),
     (["synth", "--out", "{tmp}/s", "--per-class", "0"], "--per-class 0: must be at least 1"),
+    (["cohorts", "--cohort", "Covid"], "unknown cohort 'Covid'; valid cohorts: Atelectasis,"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, args, expect):
     (tmp_path / "dup.csv").write_text(
