@@ -435,6 +435,13 @@ def _kill_once_writing(proc: subprocess.Popen, out: Path, timeout: float = 180.0
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group we started
     proc.wait(timeout=30)
+    # Ray ends the dead driver's tasks on its own; wait (bounded) until their CPUs are back,
+    # so none of them is still writing into the staging directory the next run removes.
+    import ray
+
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        assert time.monotonic() < deadline + 60, "the killed run's tasks never ended"
+        time.sleep(0.05)
 
 
 def _content(out: Path) -> tuple:
