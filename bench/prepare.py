@@ -79,12 +79,50 @@ def listed_paths(data: Path) -> list[Path]:
 
 def baseline(paths: list[Path], size: int) -> float:
     """Images/s of a single-process PIL decode + antialiased resize loop."""
-    t0 = time.perf_counter()
+    return baseline_timed(paths, size)[0]
+
+
+def baseline_timed(paths: list[Path], size: int) -> tuple[float, float]:
+    """(images/s, CPU seconds per image) of the baseline loop."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for path in paths:
         with Image.open(path) as im:
             gray = im if im.mode == "L" else im.convert("L")
             np.asarray(gray.resize((size, size), Image.BILINEAR, reducing_gap=None))
-    return len(paths) / (time.perf_counter() - t0)
+    return len(paths) / (time.perf_counter() - t0), (time.process_time() - c0) / len(paths)
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds used so far by this process and all its descendants (Linux /proc).
+
+    The local Ray's GCS, raylet and workers are descendants of the driver that started
+    it, so the difference around a run is everything ``prepare`` cost, Ray's own overhead
+    included, whatever else the machine was doing.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry)
+        parent[pid] = int(fields[1])
+        # utime, stime, cutime, cstime (fields 14-17 of stat; 11-14 after the name)
+        times[pid] = sum(int(v) for v in fields[11:15]) / tick
+    me = os.getpid()
+    total = 0.0
+    for pid, t in times.items():
+        p = pid
+        while p > 1 and p != me:
+            p = parent.get(p, 0)
+        if p == me:
+            total += t
+    return total
 
 
 def _half(args: tuple[list[Path], int]) -> float:
@@ -105,14 +143,15 @@ def parallel_loop(paths: list[Path], size: int, procs: int) -> float:
 def run_prepare(data: Path, out: Path, size: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    cpu0 = time.process_time()
+    cpu0, tree0 = time.process_time(), tree_cpu_seconds()
     result = pipeline.prepare(pipeline.PrepareConfig(data=data, out=out, size=size))
     seconds = time.perf_counter() - t0
-    driver_cpu = time.process_time() - cpu0
+    driver_cpu, tree_cpu = time.process_time() - cpu0, tree_cpu_seconds() - tree0
     m = result.manifest
     return {"seconds": seconds, "rate": m["rows"] / seconds, "decode_seconds": m["decode_seconds"],
             "rows": m["rows"], "written": m["written"], "shards": len(m["shards"]),
-            "bytes": sum(s["bytes"] for s in m["shards"]), "driver_cpu": driver_cpu}
+            "bytes": sum(s["bytes"] for s in m["shards"]), "driver_cpu": driver_cpu,
+            "cpu_per_image": tree_cpu / max(m["rows"], 1)}
 
 
 def main() -> None:
@@ -146,17 +185,20 @@ def main() -> None:
     print(f"ray.init: {ray_start:.1f} s; {cpus} CPUs")
 
     out = args.cache / "bench-shards"
-    base_rates, runs, par_rates = [], [], []
+    base_rates, runs, par_rates, base_cpu = [], [], [], []
     try:
         for r in range(args.rounds):
-            base_rates.append(baseline(paths, args.size))
-            print(f"round {r}: baseline {base_rates[-1]:.1f} images/s (1 process)")
+            rate_, cpu_ = baseline_timed(paths, args.size)
+            base_rates.append(rate_)
+            base_cpu.append(cpu_)
+            print(f"round {r}: baseline {rate_:.1f} images/s (1 process), {cpu_ * 1e3:.1f} ms CPU/image")
             par_rates.append(parallel_loop(paths, args.size, cpus))
             print(f"round {r}: same loop in {cpus} processes {par_rates[-1]:.1f} images/s")
             runs.append(run_prepare(data, out, args.size))
             print(f"round {r}: prepare  {runs[-1]['rate']:.1f} images/s "
                   f"({runs[-1]['seconds']:.2f} s, of which Ray Data {runs[-1]['decode_seconds']:.2f} s; "
-                  f"driver CPU {runs[-1]['driver_cpu']:.2f} s)")
+                  f"driver CPU {runs[-1]['driver_cpu']:.2f} s; "
+                  f"{runs[-1]['cpu_per_image'] * 1e3:.1f} ms CPU/image in all Ray processes)")
         base_rates.append(baseline(paths, args.size))
         print(f"final  : baseline {base_rates[-1]:.1f} images/s")
     finally:
@@ -169,10 +211,15 @@ def main() -> None:
     ratio = prep / (base * cpus)
     cold = runs[0]["rate"] / (base * cpus)
     par = statistics.median(par_rates)
+    b_cpu = statistics.median(base_cpu)
+    p_cpu = statistics.median(r["cpu_per_image"] for r in warm)
+    efficiency = b_cpu / p_cpu
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nratio prepare_rate / (baseline_rate × CPUs) = {prep:.1f} / ({base:.1f} × {cpus}) "
           f"= {ratio:.2f} (target ≥ 0.8); cold first run {cold:.2f}; the plain loop in {cpus} "
-          f"processes reached {par / (base * cpus):.2f}, prepare/that = {prep / par:.2f}")
+          f"processes reached {par / (base * cpus):.2f}, prepare/that = {prep / par:.2f}; CPU per "
+          f"image: baseline {b_cpu * 1e3:.1f} ms, prepare {p_cpu * 1e3:.1f} ms (all Ray processes) "
+          f"→ CPU efficiency {efficiency:.2f}")
 
     w = warm[len(warm) // 2]
     warm_rates = ", ".join(f"{r['rate']:.1f}" for r in warm)
@@ -195,6 +242,9 @@ def main() -> None:
         f"| control: the baseline loop in {cpus} plain processes (the machine's parallel ceiling "
         f"at the time) | {par:.1f} images/s = {par / (base * cpus):.2f} × baseline × CPUs; "
         f"prepare reaches {prep / par:.2f} of it |",
+        f"| CPU time per image: baseline / `prepare` (driver + GCS + raylet + workers) | "
+        f"{b_cpu * 1e3:.1f} ms / {p_cpu * 1e3:.1f} ms → CPU efficiency **{efficiency:.2f}** "
+        "(the ratio an otherwise idle machine would give, if all CPUs were busy) |",
         f"| `prepare`, first run (cold Ray workers) | {runs[0]['rate']:.1f} images/s |",
         f"| Ray start-up (`ray.init`, excluded above) | {ray_start:.1f} s |",
         f"| **ratio** `prepare_rate / (baseline_rate × CPUs)` | **{ratio:.2f}** (target ≥ 0.8; cold run {cold:.2f}) |",

@@ -288,7 +288,7 @@ def _metadata_path(config: PrepareConfig) -> str:
 
 
 def _check_unique_ids(names: list[str], ids: np.ndarray) -> None:
-    uniq, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
         dup = uniq[counts > 1][0]
         pair = [names[i] for i in np.flatnonzero(ids == dup)[:2]]
