@@ -305,10 +305,11 @@ def test_stream_every_image_once_per_epoch_with_labels_and_pixels(prepared, tiny
     assert orders[0] != orders[1]  # reshuffled every epoch (len > 30: a tie is ~impossible)
 
     test = pipeline.cohort_table(prepared, "Mass", "test")
-    ds = pipeline.cohort_dataset(prepared, "Mass", "test")
-    rows = ds.take_all()
-    assert sorted(r["image_id"] for r in rows) == sorted(test["image_id"])
-    assert {r["image_id"]: r["label"] for r in rows} == dict(zip(test["image_id"], test["label"]))
+    for materialize in (False, True):
+        ds = pipeline.cohort_dataset(prepared, "Mass", "test", materialize=materialize)
+        rows = ds.take_all()
+        assert sorted(r["image_id"] for r in rows) == sorted(test["image_id"])
+        assert {r["image_id"]: r["label"] for r in rows} == dict(zip(test["image_id"], test["label"]))
 
 
 @pytest.mark.slow
