@@ -372,6 +372,86 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- sweep / report
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run the two-stage cohort x policy comparison with Ray Tune, then the report",
+        description="Stage 1 per cohort -> LR range test -> stage 2 (cohort x policy from the "
+        "stage-1 checkpoints) -> report. Re-running the same command resumes: finished trials "
+        "are not re-run.",
+    )
+    p.add_argument("--config", type=Path, required=True, help="recipe TOML (e.g. jobs/demo.toml)")
+    p.add_argument("--resume", action="store_true",
+                   help="require an existing experiment to continue (re-running resumes anyway)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe key, value in TOML syntax "
+                        "(e.g. --set stage2.epochs=2 --set experiment.name='\"try2\"')")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    import tomllib
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise UserError(f"--set {item!r}: use SECTION.KEY=VALUE, e.g. --set stage2.epochs=2")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value  # a bare string
+    return out
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from cxr_ray import config, sweep
+
+    recipe = config.load_recipe(args.config, _parse_overrides(args.set))
+    path = sweep.run_sweep(recipe, resume=args.resume, address=args.address)
+    print(f"report: {path}")
+    print(f"tensorboard: tensorboard --logdir {recipe.experiment_dir}")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="results.csv, report.md and plots for an experiment directory",
+        description="Which policy reaches which accuracy, in how many epochs and how much "
+        "compute: the study's Tables 5, 7, 8 (and 6) side by side with ours.",
+    )
+    p.add_argument("--experiment", type=Path, required=True, help="the sweep's experiment dir")
+    p.add_argument("--target", default=None,
+                   help="target accuracy: a fraction (0.8), 'constant' or 'stage1' "
+                        "(default: the recipe's, else 'constant')")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cxr_ray import report
+
+    target = args.target
+    if target is None:
+        stored = args.experiment / "recipe.json"
+        target = (json.loads(stored.read_text())["experiment"].get("target", "constant")
+                  if stored.is_file() else "constant")
+    elif target not in ("constant", "stage1"):
+        try:
+            target = float(target)
+        except ValueError:
+            raise UserError(f"--target {target!r}: a fraction like 0.8, 'constant' or "
+                            "'stage1'") from None
+        if not 0 < target <= 1:
+            raise UserError(f"--target {target}: a fraction in (0, 1], e.g. 0.8 for 80 %")
+    path = report.write_report(args.experiment, target=target)
+    print(f"report: {path}")
+    return 0
+
+
 # --------------------------------------------------------------------------- helpers
 def _metadata_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata", type=Path, default=None,
@@ -387,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_cohorts, _add_synth, _add_schedule, _add_prepare, _add_train, _add_lr_find):
+    for add in (_add_cohorts, _add_synth, _add_schedule, _add_prepare, _add_train,
+                _add_lr_find, _add_sweep, _add_report):
         add(sub)
     return parser
 

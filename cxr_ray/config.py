@@ -1,0 +1,302 @@
+"""Sweep recipes: TOML in, typed and validated sections out.
+
+A recipe (``jobs/demo.toml``, ``jobs/paper.toml``) describes one experiment: which shards,
+which cohorts, the training settings every trial shares, what stage 1, the LR range test and
+stage 2 change, and the grid axes.  Every section is a small dataclass with a docstring per
+field; an unknown or ill-typed key is a :class:`~cxr_ray.errors.UserError` naming the file and
+the key (``jobs/demo.toml: [stage2] epochs: must be an integer >= 1, got 'four'``).
+
+Grid axes are recipe keys, not hard-coded: ``[grid]`` holds stage-2 axes (``policy`` by
+default, any :class:`~cxr_ray.train.TrainConfig` key too), ``[stage1_grid]`` stage-1 axes
+(e.g. ``model`` × ``optimizer`` for the study's backbone comparison).  The cohort axis is
+``experiment.cohorts``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxr_ray import cohorts, lr_finder, schedules
+from cxr_ray.errors import UserError
+
+#: The stage-2 policies compared by default: the study's, plus one-cycle as a modern baseline.
+DEFAULT_POLICIES = ("constant", "time_decay", "triangular", "triangular2",
+                    "modified_triangular2", "exp_range", "one_cycle")
+#: Policies whose bounds come from the LR range test (``bounds = "lr_find"``).
+BOUNDED_POLICIES = (*schedules.CLR_POLICIES, "one_cycle")
+
+
+@dataclass
+class ExperimentSection:
+    """``[experiment]``: what and where."""
+
+    name: str = ""
+    """Experiment name: the directory ``storage_path/name`` holds everything. Stable, no
+    timestamps: re-running the same recipe resumes the same experiment."""
+    storage_path: str = "experiments"
+    """Where experiments live: a local directory, or shared storage (NFS mount) on a cluster.
+    Relative paths are relative to the current directory."""
+    shards: str = ""
+    """Shard set made by ``cxr-ray prepare``."""
+    cohorts: list[str] | str = "all"
+    """Cohorts to run: ``"all"`` (the 15) or a list of names."""
+    target: float | str = "constant"
+    """Target accuracy for "epochs to reach": a fraction (0.8), ``"constant"`` (the best
+    accuracy the constant policy reached in stage 2 for that cohort) or ``"stage1"``."""
+
+
+@dataclass
+class LrFindSection:
+    """``[lr_find]``: the LR range test from each cohort's stage-1 model."""
+
+    enabled: bool = True
+    """Run it (stage 2's CLR bounds need it unless ``[stage2] bounds`` says otherwise)."""
+    min_lr: float = 1e-7
+    """Start of the exponential ramp."""
+    max_lr: float = 1.0
+    """End of the ramp."""
+    num_steps: int = 100
+    """Optimizer steps of the ramp (over as many epochs as that takes)."""
+    rule: str = "paper"
+    """Suggestion rule: ``paper`` (lr at minimum loss, base = max/4), ``steepest``, ``valley``."""
+
+
+@dataclass
+class Stage2Section:
+    """``[stage2]`` extras beyond the training keys."""
+
+    bounds: str = "lr_find"
+    """Where CLR / one-cycle bounds come from: ``lr_find`` (the cohort's LR range test),
+    ``recipe`` (``base_lr``/``max_lr`` in ``[stage2]``) or ``paper`` (Table 8 where given)."""
+
+
+@dataclass
+class ComparisonSection:
+    """``[comparison]``: extra stage-1-style trials outside the CLR protocol, e.g. the study's
+    backbone × optimizer comparison on Atelectasis (Table 6). No LR range test, no stage 2."""
+
+    cohorts: list[str] = field(default_factory=list)
+    """Cohorts to compare on (empty: no comparison)."""
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """Axes, e.g. ``{model = ["mobilenet_v1", "alexnet", "densenet121"], optimizer = [...]}``."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """Training keys for these trials (on top of ``[train]``), e.g. ``epochs``."""
+
+
+@dataclass
+class ResourcesSection:
+    """``[resources]``: how trials share the cluster."""
+
+    max_concurrent_trials: int | str = "auto"
+    """Trials at once; ``auto``: what the cluster's CPUs (GPUs with ``gpu``) can hold, so
+    more GPUs means more trials at once."""
+    trial_cpus: float = 0.01
+    """CPU the Tune trial itself holds (it only waits on its TorchTrainer)."""
+    trainer_resources: dict[str, float] = field(default_factory=dict)
+    """Extra custom resources each training worker asks for (e.g. ``{gpu_node = 0.01}`` to
+    land on autoscaled GPU nodes)."""
+
+
+@dataclass
+class Recipe:
+    """A whole sweep recipe."""
+
+    experiment: ExperimentSection
+    train: dict[str, Any]
+    """``[train]``: TrainConfig keys shared by every trial."""
+    stage1: dict[str, Any]
+    """``[stage1]``: TrainConfig keys for stage 1 only (e.g. ``epochs``)."""
+    stage2: dict[str, Any]
+    """``[stage2]``: TrainConfig keys for stage 2 only, plus ``bounds``."""
+    stage2_extra: Stage2Section
+    lr_find: LrFindSection
+    grid: dict[str, list[Any]]
+    """``[grid]``: stage-2 axes, ``{"policy": [...]}`` by default."""
+    stage1_grid: dict[str, list[Any]]
+    """``[stage1_grid]``: stage-1 axes (none by default)."""
+    comparison: ComparisonSection
+    resources: ResourcesSection
+    source: str = ""
+    """The file it came from (for messages)."""
+
+    @property
+    def cohort_names(self) -> list[str]:
+        value = self.experiment.cohorts
+        if value == "all":
+            return list(cohorts.COHORTS)
+        return [cohorts.resolve_cohort(c) for c in value]
+
+    @property
+    def experiment_dir(self) -> Path:
+        return (Path(self.experiment.storage_path).expanduser() / self.experiment.name).resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("stage2_extra")
+        out["stage2"] = {**self.stage2, **dataclasses.asdict(self.stage2_extra)}
+        return out
+
+
+_SECTIONS = ("experiment", "train", "stage1", "stage2", "lr_find", "grid", "stage1_grid",
+             "comparison", "resources")
+
+
+def _train_keys() -> dict[str, dataclasses.Field]:
+    from cxr_ray.train import TrainConfig  # torch import deferred: config loads fast
+
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _section(cls, data: dict[str, Any], where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise UserError(f"{where}: unknown key {key!r}; valid: {', '.join(known)}")
+    obj = cls(**data)
+    for name, f in known.items():
+        value = getattr(obj, name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        _check_type(value, default, f"{where} {name}")
+    return obj
+
+
+def _check_type(value: Any, default: Any, where: str) -> None:
+    """Booleans and numbers must keep their type; union-typed fields (a ``None`` or string
+    default, e.g. ``target`` or ``max_concurrent_trials``) are checked where they are used."""
+    if default is None or isinstance(default, str):
+        return
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: must be true or false, got {value!r}")
+    elif isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: must be a number, got {value!r}")
+
+
+def _train_table(data: dict[str, Any], where: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    keys = _train_keys()
+    for key, value in data.items():
+        if key in extra:
+            continue
+        if key not in keys:
+            raise UserError(f"{where}: unknown key {key!r}; valid training keys: "
+                            f"{', '.join(sorted(keys))}")
+        if key in ("shards", "cohort", "init_from", "lr_bounds"):
+            raise UserError(f"{where}: {key!r} is set by the sweep; remove it from the recipe")
+        default = keys[key].default
+        if value is not None and default is not None and not isinstance(default, str):
+            _check_type(value, default, f"{where} {key}")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read and validate a recipe; ``overrides`` maps ``section.key`` to a value."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such recipe file; see jobs/demo.toml for an example")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from None
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        data.setdefault(section, {})[key] = value
+    return parse_recipe(data, str(path))
+
+
+def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate a recipe given as a dict (what TOML parsing returns)."""
+    for key in data:
+        if key not in _SECTIONS:
+            raise UserError(f"{source}: unknown section [{key}]; valid: {', '.join(_SECTIONS)}")
+        if not isinstance(data[key], dict):
+            raise UserError(f"{source}: [{key}] must be a table")
+
+    def where(section: str) -> str:
+        return f"{source}: [{section}]"
+
+    experiment = _section(ExperimentSection, data.get("experiment", {}), where("experiment"))
+    if not experiment.name or not isinstance(experiment.name, str) or "/" in experiment.name:
+        raise UserError(f"{where('experiment')} name: required, a plain name without '/' "
+                        f"(got {experiment.name!r})")
+    if not experiment.shards:
+        raise UserError(f"{where('experiment')} shards: required (a cxr-ray prepare output)")
+    if experiment.cohorts != "all":
+        if not isinstance(experiment.cohorts, list) or not experiment.cohorts:
+            raise UserError(f"{where('experiment')} cohorts: \"all\" or a non-empty list")
+        for name in experiment.cohorts:
+            cohorts.resolve_cohort(str(name))
+    target = experiment.target
+    if isinstance(target, str) and target not in ("constant", "stage1") or (
+            not isinstance(target, str) and not (isinstance(target, (int, float))
+                                                 and 0 < target <= 1)):
+        raise UserError(f"{where('experiment')} target: a fraction in (0, 1], \"constant\" or "
+                        f"\"stage1\", got {target!r}")
+
+    train = _train_table(dict(data.get("train", {})), where("train"))
+    stage1 = _train_table(dict(data.get("stage1", {})), where("stage1"))
+    stage2_raw = dict(data.get("stage2", {}))
+    extra = _section(Stage2Section, {k: stage2_raw.pop(k) for k in ("bounds",) if k in stage2_raw},
+                     where("stage2"))
+    if extra.bounds not in ("lr_find", "recipe", "paper"):
+        raise UserError(f"{where('stage2')} bounds: 'lr_find', 'recipe' or 'paper', got "
+                        f"{extra.bounds!r}")
+    stage2 = _train_table(stage2_raw, where("stage2"))
+    lr = _section(LrFindSection, data.get("lr_find", {}), where("lr_find"))
+    if lr.rule not in lr_finder.RULES:
+        raise UserError(f"{where('lr_find')} rule: {lr.rule!r} is not one of "
+                        f"{', '.join(lr_finder.RULES)}")
+    if not (0 < lr.min_lr < lr.max_lr) or lr.num_steps < 5:
+        raise UserError(f"{where('lr_find')}: need 0 < min_lr < max_lr and num_steps >= 5")
+    if extra.bounds == "lr_find" and not lr.enabled:
+        raise UserError(f"{where('stage2')} bounds = 'lr_find' needs [lr_find] enabled = true")
+
+    grid = _grid(data.get("grid", {"policy": list(DEFAULT_POLICIES)}), where("grid"))
+    grid.setdefault("policy", list(DEFAULT_POLICIES))
+    for policy in grid["policy"]:
+        if policy not in schedules.POLICIES:
+            raise UserError(f"{where('grid')} policy: unknown policy {policy!r}; valid: "
+                            f"{', '.join(schedules.POLICIES)}")
+    stage1_grid = _grid(data.get("stage1_grid", {}), where("stage1_grid"))
+    if "policy" in stage1_grid:
+        raise UserError(f"{where('stage1_grid')}: policy is a stage-2 axis; stage 1 uses the "
+                        "study's stage-1 optimizer (set [stage1] policy to change it)")
+    comparison = _section(ComparisonSection, data.get("comparison", {}), where("comparison"))
+    comparison.cohorts = [cohorts.resolve_cohort(str(c)) for c in comparison.cohorts]
+    comparison.grid = _grid(comparison.grid, where("comparison") + " grid")
+    if "policy" in comparison.grid:
+        raise UserError(f"{where('comparison')} grid: policy is a stage-2 axis ([grid])")
+    comparison.train = _train_table(dict(comparison.train), where("comparison") + " train")
+    if comparison.cohorts and not comparison.grid:
+        raise UserError(f"{where('comparison')}: cohorts given but no grid axes to compare")
+    resources = _section(ResourcesSection, data.get("resources", {}), where("resources"))
+    mct = resources.max_concurrent_trials
+    if mct != "auto" and not (isinstance(mct, int) and not isinstance(mct, bool) and mct >= 1):
+        raise UserError(f"{where('resources')} max_concurrent_trials: \"auto\" or an integer "
+                        f">= 1, got {mct!r}")
+    if not (0 < resources.trial_cpus <= 1) or not math.isfinite(resources.trial_cpus):
+        raise UserError(f"{where('resources')} trial_cpus: a number in (0, 1], got "
+                        f"{resources.trial_cpus!r}")
+    return Recipe(experiment=experiment, train=train, stage1=stage1, stage2=stage2,
+                  stage2_extra=extra, lr_find=lr, grid=grid, stage1_grid=stage1_grid,
+                  comparison=comparison, resources=resources, source=source)
+
+
+def _grid(table: dict[str, Any], where: str) -> dict[str, list[Any]]:
+    grid = {}
+    for key, values in table.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where} {key}: an axis is a non-empty list, got {values!r}")
+        if len(set(map(repr, values))) != len(values):
+            raise UserError(f"{where} {key}: repeated values in {values!r}")
+        if key != "policy":
+            _train_table({key: v for v in values[:1]}, where)
+            for v in values:
+                _train_table({key: v}, where)
+        grid[key] = list(values)
+    return grid

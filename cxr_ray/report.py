@@ -1,0 +1,446 @@
+"""The report: which lr policy reaches which accuracy, in how many epochs and how much compute.
+
+Reads an experiment directory (what ``cxr-ray sweep`` writes; any directory tree of runs
+works) and writes, into ``EXP/report/``:
+
+* ``results.csv``: one row per trial (stage, cohort, policy, model, optimizer, any other grid
+  axis, epochs, final/best test accuracy, AUC, sensitivity, specificity, the target and the
+  epochs / compute seconds / wall seconds to reach it, images processed, compute seconds);
+* ``report.md``: tables shaped like the study's Table 5 (stage 1), Table 7 (before/after
+  CLR), Table 8 (CLR parameters, with the LR range test's bounds), epochs-to-target per
+  cohort × policy, the best policy per cohort and an overall ranking, and the backbone ×
+  optimizer table (Table 6) when the experiment has one; the study's numbers beside ours;
+* plots (PNG, linked from report.md): lr per step for each policy, LR range test curves,
+  test accuracy and loss vs epoch for every policy of a cohort (the study's Figures 4–10).
+
+A run is a directory with ``trial.json`` (written by the sweep: stage, cohort, policy, axes,
+lr bounds and their source), ``config.json`` (the resolved plan) and ``history.jsonl`` (one
+line per epoch).  Everything here is pandas and matplotlib: no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxr_ray import presets
+
+log = logging.getLogger(__name__)
+
+TRIAL_FILE, HISTORY_FILE, CONFIG_FILE, STEPS_FILE = (
+    "trial.json", "history.jsonl", "config.json", "steps.csv")
+LR_FIND_FILE = "lr_find.json"
+REPORT_DIR = "report"
+METRIC = "test_accuracy"
+
+
+# ----------------------------------------------------------------------------- maths
+def crossing(history: list[dict[str, Any]], target: float, metric: str = METRIC
+             ) -> dict[str, float | int | None]:
+    """First epoch whose ``metric`` reaches ``target``, with the compute and wall time to it.
+
+    ``compute_seconds`` sums the epochs' train + eval seconds up to and including that
+    epoch; ``wall_seconds`` is the run's elapsed time at its end.  All ``None`` when the run
+    never reaches the target.
+    """
+    compute = 0.0
+    for record in history:
+        compute += float(record.get("epoch_seconds") or 0.0)
+        value = record.get(metric)
+        if value is not None and value >= target - 1e-12:
+            return {"epochs": int(record["epoch"]), "compute_seconds": compute,
+                    "wall_seconds": float(record.get("elapsed_seconds") or compute)}
+    return {"epochs": None, "compute_seconds": None, "wall_seconds": None}
+
+
+def best(history: list[dict[str, Any]], metric: str = METRIC) -> tuple[float | None, int | None]:
+    """Best value of ``metric`` and the (first) epoch it was reached."""
+    scored = [(r[metric], r["epoch"]) for r in history if r.get(metric) is not None]
+    if not scored:
+        return None, None
+    value = max(v for v, _ in scored)
+    return value, min(e for v, e in scored if v == value)
+
+
+def rank_policies(results: pd.DataFrame) -> pd.DataFrame:
+    """Policies ranked within each cohort (fewest epochs to target, then best accuracy).
+
+    Returns one row per policy: mean rank, cohorts where it was best, how often it reached
+    the target, median epochs to target and mean best accuracy.
+    """
+    stage2 = results[results["stage"] == "stage2"].copy()
+    if stage2.empty:
+        return pd.DataFrame()
+    never = stage2["epochs"].max() + 1
+    # Lexicographic (epochs to target, then -accuracy) as one number: accuracy is in [0, 1].
+    key = stage2["epochs_to_target"].fillna(never) * 10 + (1 - stage2["best_accuracy"].fillna(0))
+    stage2["rank"] = key.groupby(stage2["cohort"]).rank(method="min")
+    wins = stage2[stage2["rank"] == 1].groupby("policy").size()
+    table = stage2.groupby("policy").agg(
+        mean_rank=("rank", "mean"),
+        reached=("epochs_to_target", lambda s: int(s.notna().sum())),
+        trials=("cohort", "size"),
+        median_epochs_to_target=("epochs_to_target", "median"),
+        mean_best_accuracy=("best_accuracy", "mean"),
+        mean_compute_seconds=("compute_seconds", "mean"),
+    )
+    table["best_in_cohorts"] = wins.reindex(table.index).fillna(0).astype(int)
+    return table.sort_values(["mean_rank", "mean_best_accuracy"],
+                             ascending=[True, False]).reset_index()
+
+
+# ----------------------------------------------------------------------------- reading
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Run:
+    """One trial's directory, as the report sees it."""
+
+    path: Path
+    trial: dict[str, Any]
+    plan: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def find_runs(experiment: Path) -> list[Run]:
+    """Every run under ``experiment`` that has a ``trial.json``, in a stable order."""
+    runs = []
+    for trial_file in sorted(Path(experiment).rglob(TRIAL_FILE)):
+        folder = trial_file.parent
+        plan_file = folder / CONFIG_FILE
+        runs.append(Run(
+            path=folder,
+            trial=json.loads(trial_file.read_text()),
+            plan=json.loads(plan_file.read_text()) if plan_file.is_file() else {},
+            history=_read_jsonl(folder / HISTORY_FILE),
+        ))
+    return runs
+
+
+def _targets(runs: list[Run], target: float | str) -> dict[str, float]:
+    """Target accuracy per cohort.
+
+    A number is used for every cohort.  ``"constant"`` (default) is the study's comparison:
+    the best accuracy the ``constant`` policy reached in stage 2 for that cohort, so the
+    question becomes "how many epochs does each policy need to do what constant lr did".
+    ``"stage1"``: the stage-1 model's best accuracy (how soon does stage 2 improve on it).
+    """
+    if isinstance(target, (int, float)):
+        return {r.trial["cohort"]: float(target) for r in runs}
+    out: dict[str, float] = {}
+    for r in runs:
+        want = (r.trial.get("stage") == "stage2" and r.trial.get("policy") == "constant"
+                if target == "constant" else r.trial.get("stage") == "stage1")
+        if want:
+            value, _ = best(r.history)
+            if value is not None:
+                out[r.trial["cohort"]] = max(out.get(r.trial["cohort"], -1.0), value)
+    return out
+
+
+def results_table(runs: list[Run], target: float | str = "constant") -> pd.DataFrame:
+    """One row per trial (see the module docstring for the columns)."""
+    targets = _targets(runs, target)
+    rows = []
+    for r in runs:
+        t, p, h = r.trial, r.plan, r.history
+        last = h[-1] if h else {}
+        best_acc, best_epoch = best(h)
+        goal = targets.get(t["cohort"])
+        cross = crossing(h, goal) if goal is not None else crossing([], 0.0)
+        policy = p.get("policy", {})
+        rows.append({
+            "stage": t.get("stage"), "cohort": t.get("cohort"),
+            "policy": t.get("policy") or policy.get("name"),
+            "model": (p.get("model") or {}).get("name", t.get("model")),
+            "optimizer": (p.get("optimizer") or {}).get("name", t.get("optimizer")),
+            **{f"axis_{k}": v for k, v in (t.get("axes") or {}).items()},
+            "epochs": len(h), "planned_epochs": p.get("epochs"),
+            "final_accuracy": last.get("test_accuracy"), "best_accuracy": best_acc,
+            "best_epoch": best_epoch, "final_auc": last.get("test_auc"),
+            "best_auc": best(h, "test_auc")[0],
+            "final_sensitivity": last.get("test_sensitivity"),
+            "final_specificity": last.get("test_specificity"),
+            "final_test_loss": last.get("test_loss"),
+            "target_accuracy": goal, "epochs_to_target": cross["epochs"],
+            "compute_seconds_to_target": cross["compute_seconds"],
+            "wall_seconds_to_target": cross["wall_seconds"],
+            "images": int(sum(rec.get("train_images") or 0 for rec in h)),
+            "compute_seconds": float(sum(rec.get("epoch_seconds") or 0.0 for rec in h)),
+            "seconds_per_epoch": (float(np.mean([rec.get("epoch_seconds") or 0.0 for rec in h]))
+                                  if h else None),
+            "base_lr": policy.get("base_lr"), "max_lr": policy.get("max_lr"),
+            "step_size": policy.get("step_size"),
+            "step_size_epochs": t.get("step_size_epochs"),
+            "lr_source": t.get("lr_source"), "batch_size": p.get("batch_size"),
+            "image_size": p.get("image_size"), "status": t.get("status", "finished"),
+            "run": str(r.path),
+        })
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        order = {"stage1": 0, "stage2": 1, "comparison": 2}
+        frame = frame.sort_values(["stage", "cohort", "policy"],
+                                  key=lambda s: s.map(order) if s.name == "stage" else s,
+                                  kind="stable").reset_index(drop=True)
+    return frame
+
+
+# ----------------------------------------------------------------------------- markdown
+def _pct(x: Any) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def _num(x: Any, fmt: str = "{:g}") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def _md(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _table5(res: pd.DataFrame) -> str:
+    s1 = res[res["stage"] == "stage1"]
+    rows = []
+    for _, r in s1.iterrows():
+        paper = presets.TABLE5_STAGE1_ACCURACY.get(r["cohort"])
+        rows.append([r["cohort"], r["model"], r["optimizer"], r["epochs"], _pct(r["final_accuracy"]),
+                     _pct(r["best_accuracy"]), _num(r["final_auc"], "{:.3f}"),
+                     _pct(r["final_sensitivity"]), _pct(r["final_specificity"]),
+                     f"{paper[0]:.2f} ({paper[1]})" if paper else "–"])
+    return _md(["cohort", "model", "optimizer", "epochs", "accuracy %", "best %", "AUC",
+                "sensitivity %", "specificity %", "study % (epochs)"], rows)
+
+
+def _table7(res: pd.DataFrame) -> str:
+    s1 = res[res["stage"] == "stage1"].groupby("cohort")["best_accuracy"].max()
+    s2 = res[res["stage"] == "stage2"]
+    rows = []
+    for cohort, group in s2.groupby("cohort", sort=False):
+        top = group.sort_values("best_accuracy", ascending=False).iloc[0]
+        clr = group[group["policy"].isin(("triangular", "triangular2", "exp_range",
+                                          "modified_triangular2"))]
+        top_clr = clr.sort_values("best_accuracy", ascending=False).iloc[0] if len(clr) else None
+        paper = presets.TABLE8_CLR.get(cohort)
+        rows.append([
+            cohort, _pct(s1.get(cohort)),
+            f"{top_clr['policy']}: {_pct(top_clr['best_accuracy'])} @ {top_clr['best_epoch']}"
+            if top_clr is not None else "–",
+            f"{top['policy']}: {_pct(top['best_accuracy'])} @ {top['best_epoch']}",
+            (f"{_num(paper.accuracy_before)} → {paper.accuracy_after} ({paper.policy}, "
+             f"{paper.epochs} ep.)") if paper else "–",
+        ])
+    return _md(["cohort", "before (stage 1 best %)", "after, best CLR policy % @ epoch",
+                "after, best of all policies % @ epoch", "study: before → after"], rows)
+
+
+def _table8(res: pd.DataFrame, finder: dict[str, dict[str, Any]]) -> str:
+    s2 = res[(res["stage"] == "stage2") & res["max_lr"].notna()]
+    rows = []
+    for _, r in s2.iterrows():
+        f = finder.get(r["cohort"], {})
+        paper = presets.TABLE8_CLR.get(r["cohort"])
+        rows.append([r["cohort"], r["policy"], _num(r["step_size_epochs"]), r["epochs"],
+                     _num(r["max_lr"], "{:.3g}"), _num(r["base_lr"], "{:.3g}"),
+                     r["lr_source"] or "–",
+                     (f"{_num(f.get('max_lr'), '{:.3g}')} / {_num(f.get('base_lr'), '{:.3g}')}"
+                      if f else "–"),
+                     (f"{paper.policy}, {paper.step_size_epochs}, {paper.epochs}, {paper.max_lr},"
+                      f" {paper.base_lr}") if paper else "–"])
+    return _md(["cohort", "policy", "step size (epochs)", "epochs", "max_lr", "base_lr",
+                "bounds from", "LR finder max / base", "study (policy, step, epochs, max, base)"],
+               rows)
+
+
+def _epochs_to_target(res: pd.DataFrame) -> str:
+    s2 = res[res["stage"] == "stage2"]
+    if s2.empty:
+        return "_no stage-2 trials_"
+    policies = list(dict.fromkeys(s2["policy"]))
+    rows = []
+    for cohort, group in s2.groupby("cohort", sort=False):
+        by = group.set_index("policy")
+        cells = []
+        for p in policies:
+            if p not in by.index:
+                cells.append("–")
+                continue
+            r = by.loc[p]
+            r = r.iloc[0] if isinstance(r, pd.DataFrame) else r
+            cells.append("not reached" if pd.isna(r["epochs_to_target"]) else
+                         f"{int(r['epochs_to_target'])} ({r['compute_seconds_to_target']:.0f} s)")
+        rows.append([cohort, _pct(group["target_accuracy"].iloc[0]), *cells])
+    return _md(["cohort", "target %", *policies], rows)
+
+
+def _backbones(res: pd.DataFrame) -> str | None:
+    s1 = res[res["stage"] == "comparison"]
+    if s1.empty:
+        s1 = res[res["stage"] == "stage1"]
+    if s1.empty or (s1["model"].nunique() < 2 and s1["optimizer"].nunique() < 2):
+        return None
+    rows = []
+    for (cohort, model, opt), g in s1.groupby(["cohort", "model", "optimizer"], sort=False):
+        r = g.iloc[0]
+        paper = presets.TABLE6_BACKBONES.get(model) if opt == "sgd" and cohort == "Atelectasis" \
+            else None
+        rows.append([cohort, model, opt, r["epochs"], _pct(r["best_accuracy"]),
+                     _num(r["seconds_per_epoch"], "{:.1f}"),
+                     f"{paper.accuracy:.2f} % ({paper.epochs} ep., {paper.hours_per_epoch} h/epoch)"
+                     if paper else "–"])
+    return _md(["cohort", "backbone", "optimizer", "epochs", "best accuracy %", "s / epoch",
+                "study"], rows)
+
+
+# ----------------------------------------------------------------------------- plots
+def _plots(runs: list[Run], finder: dict[str, dict[str, Any]], out: Path) -> dict[str, list[str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: dict[str, list[str]] = {"lr": [], "lr_find": [], "curves": []}
+    stage2 = [r for r in runs if r.trial.get("stage") == "stage2" and r.history]
+    # lr per step for each policy (first cohort that has the policy).
+    seen: dict[str, Run] = {}
+    for r in stage2:
+        seen.setdefault(r.trial.get("policy"), r)
+    seen = {p: r for p, r in seen.items() if (r.path / STEPS_FILE).is_file()}
+    if seen:
+        fig, ax = plt.subplots(figsize=(9, 4))
+        for policy, r in seen.items():
+            frame = pd.read_csv(r.path / STEPS_FILE)
+            ax.plot(frame["step"], frame["lr"], label=policy, lw=1.2)
+        ax.set(xlabel="optimizer step", ylabel="learning rate",
+               title="lr per step for each policy (stage 2)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "lr_policies.png", dpi=110)
+        plt.close(fig)
+        made["lr"].append("lr_policies.png")
+    # LR range test curves.
+    for cohort, f in finder.items():
+        if not f.get("lrs"):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(f["lrs"], f.get("smoothed") or f["losses"], label="smoothed loss")
+        for key, style in (("max_lr", "--"), ("base_lr", ":")):
+            if f.get(key):
+                ax.axvline(f[key], ls=style, color="k", label=f"{key} {f[key]:.3g}")
+        ax.set(xscale="log", xlabel="learning rate", ylabel="loss",
+               title=f"LR range test: {cohort}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"lr_find_{cohort}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made["lr_find"].append(name)
+    # Test accuracy and loss vs epoch, every policy of a cohort.
+    cohorts = list(dict.fromkeys(r.trial["cohort"] for r in stage2))
+    for cohort in cohorts:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+        for r in (x for x in stage2 if x.trial["cohort"] == cohort):
+            ep = [h["epoch"] for h in r.history]
+            a1.plot(ep, [100 * (h.get("test_accuracy") or np.nan) for h in r.history],
+                    marker="o", ms=3, label=r.trial.get("policy"))
+            a2.plot(ep, [h.get("test_loss") or np.nan for h in r.history], marker="o", ms=3,
+                    label=r.trial.get("policy"))
+        a1.set(xlabel="epoch", ylabel="test accuracy %", title=f"{cohort}: test accuracy")
+        a2.set(xlabel="epoch", ylabel="test loss", title=f"{cohort}: test loss")
+        a1.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"curves_{cohort}.png"
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        made["curves"].append(name)
+    return made
+
+
+# ----------------------------------------------------------------------------- entry point
+def read_lr_finds(experiment: Path) -> dict[str, dict[str, Any]]:
+    """LR range test results per cohort (``lr_find.json`` files with a ``cohort`` key)."""
+    out = {}
+    for path in sorted(Path(experiment).rglob(LR_FIND_FILE)):
+        data = json.loads(path.read_text())
+        cohort = data.get("cohort") or path.parent.name
+        out[cohort] = data
+    return out
+
+
+def write_report(experiment: str | Path, *, target: float | str = "constant",
+                 title: str | None = None) -> Path:
+    """Write ``results.csv``, ``report.md`` and the plots into ``EXP/report/``; return report.md."""
+    from cxr_ray.errors import UserError
+
+    experiment = Path(experiment)
+    runs = find_runs(experiment)
+    if not runs:
+        raise UserError(f"{experiment}: no trials found (no {TRIAL_FILE} below it); pass the "
+                        "experiment directory a sweep wrote")
+    out = experiment / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    res = results_table(runs, target)
+    res.to_csv(out / "results.csv", index=False)
+    finder = read_lr_finds(experiment)
+    plots = _plots(runs, finder, out)
+    ranking = rank_policies(res)
+    target_text = (f"{100 * target:.1f} %" if isinstance(target, (int, float)) else
+                   {"constant": "the best test accuracy the constant-lr policy reached in stage 2 "
+                                "for that cohort (the study's comparison)",
+                    "stage1": "the stage-1 model's best test accuracy"}.get(target, str(target)))
+    parts = [f"# {title or 'cxr-ray report'}: `{experiment.name}`", "",
+             f"{len(res)} trials: {int((res['stage'] == 'stage1').sum())} stage-1, "
+             f"{int((res['stage'] == 'stage2').sum())} stage-2. Accuracy, sensitivity and "
+             "specificity are on each cohort's whole (patient-wise) test split at threshold 0.5. "
+             f"Target per cohort: {target_text}. Compute seconds are train + eval time of the "
+             "epochs up to the crossing. All trials: [results.csv](results.csv).", ""]
+    if not ranking.empty:
+        parts += ["## Policy ranking", "",
+                  "Within each cohort policies are ranked by epochs to the target (then best "
+                  "accuracy); lower mean rank is better.", "",
+                  _md(["policy", "mean rank", "best in cohorts", "reached target",
+                       "median epochs to target", "mean best accuracy %", "mean compute s"],
+                      [[r["policy"], f"{r['mean_rank']:.2f}", r["best_in_cohorts"],
+                        f"{r['reached']}/{r['trials']}", _num(r["median_epochs_to_target"]),
+                        _pct(r["mean_best_accuracy"]), _num(r["mean_compute_seconds"], "{:.1f}")]
+                       for _, r in ranking.iterrows()]), ""]
+        best_rows = []
+        s2 = res[res["stage"] == "stage2"]
+        for cohort, g in s2.groupby("cohort", sort=False):
+            g = g.assign(_e=g["epochs_to_target"].fillna(g["epochs"].max() + 1))
+            top = g.sort_values(["_e", "best_accuracy"], ascending=[True, False]).iloc[0]
+            best_rows.append([cohort, top["policy"], _num(top["epochs_to_target"]),
+                              _pct(top["best_accuracy"])])
+        parts += ["## Best policy per cohort", "",
+                  _md(["cohort", "best policy", "epochs to target", "best accuracy %"],
+                      best_rows), ""]
+        parts += ["## Epochs (compute seconds) to reach the target", "", _epochs_to_target(res), ""]
+    parts += ["## Stage 1 per cohort (the study's Table 5)", "", _table5(res), ""]
+    if not ranking.empty:
+        parts += ["## Before / after CLR (the study's Table 7)", "", _table7(res), "",
+                  "## CLR parameters used (the study's Table 8)", "", _table8(res, finder), ""]
+    backbones = _backbones(res)
+    if backbones:
+        parts += ["## Backbone × optimizer (the study's Table 6)", "", backbones, ""]
+    if any(plots.values()):
+        parts += ["## Plots", ""]
+        parts += [f"![lr per step for each policy]({p})" for p in plots["lr"]]
+        parts += [f"![LR range test]({p})" for p in plots["lr_find"]]
+        parts += [f"![test accuracy and loss per epoch]({p})" for p in plots["curves"]]
+        parts.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    log.info("wrote %s and %s", path, out / "results.csv")
+    return path

@@ -1,0 +1,315 @@
+"""Ray Tune: the study's two-stage comparison over cohorts × lr policies (SPEC §6, §8).
+
+Launch::
+
+    cxr-ray sweep --config jobs/demo.toml            # re-running the same command resumes
+    ray job submit --working-dir . -- cxr-ray sweep --config jobs/paper.toml   # on a cluster
+
+The protocol, one Tune experiment per stage:
+
+1. **stage 1**: one trial per cohort (× any ``[stage1_grid]`` axis, e.g. backbone × optimizer),
+   trained with the study's stage-1 optimizer (Table 4: SGD with time decay; Hernia Adam);
+   then, from that model, the **LR range test** whose suggestion becomes the cohort's CLR bounds;
+2. **stage 2**: cohort × policy (× any ``[grid]`` axis), every trial starting from its cohort's
+   stage-1 checkpoint (fresh optimizer and policy), CLR / one-cycle bounds from the LR range
+   test, the recipe or the study's Table 8;
+3. the **report** (:mod:`cxr_ray.report`).
+
+Each trial is a Tune *function* trainable that builds and fits a ``TorchTrainer`` through
+:func:`cxr_ray.train.fit` (the Train V2 pattern); the trial itself holds a sliver of a CPU and
+Tune runs ``max_concurrent_trials`` of them at once, so the cluster's CPUs/GPUs decide how many
+trainers train at a time.  The experiment directory ``storage_path/name`` holds everything::
+
+    EXP/recipe.json                 the validated recipe (a re-run must match it)
+    EXP/stage1/<run>/               train.fit run dirs: history, checkpoints, tensorboard/
+    EXP/lr_find/<run>/lr_find.json  LR range test of a stage-1 model (+ PNG, tensorboard/)
+    EXP/stage2/<run>/               one per cohort × policy (× axes)
+    EXP/comparison/<run>/           ``[comparison]`` trials (e.g. backbone × optimizer)
+    EXP/tune/stage1, EXP/tune/stage2   Tune's experiment state (resume) and TBX logs
+    EXP/report/                     results.csv, report.md, plots
+
+Run names carry the stage, cohort, policy and axis values (``stage2/Fibrosis__triangular``),
+so ``tensorboard --logdir EXP`` lists every trial side by side.  Resume: finished trials are
+never re-run (Tune restores its experiment state, and a finished run dir is returned as is);
+unfinished ones continue from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxr_ray import report
+from cxr_ray.config import BOUNDED_POLICIES, Recipe
+from cxr_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+RECIPE_FILE = "recipe.json"
+#: Training keys that change the architecture: a stage-2 axis on one must be a stage-1 axis
+#: too, so every stage-2 trial has a stage-1 model of its kind to start from.
+ARCHITECTURE_KEYS = ("model", "width", "image_size", "dropout")
+#: CPUs ``max_concurrent_trials = "auto"`` leaves free for Ray Data on CPU-only clusters.
+DATA_RESERVE = 0.5
+
+
+@dataclass
+class TrialSpec:
+    """One trial: what it trains and where (plain values: it travels in Tune's config)."""
+
+    stage: str
+    cohort: str
+    run_name: str
+    train: dict[str, Any]
+    """TrainConfig fields (without ``init_from``/``lr_bounds``, resolved in the trial)."""
+    policy: str | None = None
+    axes: dict[str, Any] = field(default_factory=dict)
+    lr_source: str | None = None
+    """Stage 2: ``lr_find``, ``recipe``, ``paper`` or ``preset`` (constant/time decay)."""
+    stage1_run: str | None = None
+    """Stage 2: the stage-1 run it starts from."""
+    lr_find: dict[str, Any] | None = None
+    """Stage 1: the LR range test to run after training (None: none)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialSpec":
+        return cls(**d)
+
+
+def _axis_suffix(axes: dict[str, Any]) -> str:
+    return "".join(f"__{k}-{v}" for k, v in axes.items())
+
+
+def _combinations(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    combos: list[dict[str, Any]] = [{}]
+    for key, values in grid.items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    return combos
+
+
+def plan_trials(recipe: Recipe) -> tuple[list[TrialSpec], list[TrialSpec], list[TrialSpec]]:
+    """Stage-1, stage-2 and comparison trials of a recipe, in a stable order."""
+    shared = {**recipe.train, "shards": str(Path(recipe.experiment.shards).expanduser().resolve())}
+    s1_axes = _combinations(recipe.stage1_grid)
+    s2_grid = {k: v for k, v in recipe.grid.items() if k != "policy"}
+    for key in s2_grid:
+        if key in ARCHITECTURE_KEYS and not set(map(repr, s2_grid[key])) <= set(
+                map(repr, recipe.stage1_grid.get(key, []))):
+            raise UserError(f"{recipe.source}: [grid] {key} changes the model; list the same "
+                            f"values in [stage1_grid] {key} so stage 2 has stage-1 models to "
+                            "start from")
+    stage1, stage2 = [], []
+    lr_cfg = dataclasses.asdict(recipe.lr_find) if recipe.lr_find.enabled else None
+    for cohort in recipe.cohort_names:
+        for axes in s1_axes:
+            spec = TrialSpec(stage="stage1", cohort=cohort, run_name=cohort + _axis_suffix(axes),
+                             train={**shared, **recipe.stage1, **axes, "cohort": cohort},
+                             axes=axes, lr_find=None)
+            stage1.append(spec)
+        for policy_axes in _combinations(s2_grid):
+            # The stage-1 run whose axes agree with this trial's on every shared key.
+            source = next(s for s in stage1 if s.cohort == cohort and all(
+                s.axes.get(k, v) == v for k, v in policy_axes.items()))
+            if lr_cfg is not None and source.lr_find is None:
+                source.lr_find = lr_cfg
+            for policy in recipe.grid["policy"]:
+                bounded = policy in BOUNDED_POLICIES
+                lr_source = recipe.stage2_extra.bounds if bounded else "preset"
+                train = {**shared, **recipe.stage2, **policy_axes, "cohort": cohort,
+                         "policy": policy}
+                if bounded and lr_source == "paper":
+                    train.setdefault("preset", "paper")
+                stage2.append(TrialSpec(
+                    stage="stage2", cohort=cohort, policy=policy, axes=policy_axes,
+                    run_name=f"{cohort}__{policy}{_axis_suffix(policy_axes)}", train=train,
+                    lr_source=lr_source, stage1_run=source.run_name))
+    comparison = [
+        TrialSpec(stage="comparison", cohort=cohort, run_name=cohort + _axis_suffix(axes),
+                  train={**shared, **recipe.stage1, **recipe.comparison.train, **axes,
+                         "cohort": cohort}, axes=axes)
+        for cohort in recipe.comparison.cohorts
+        for axes in _combinations(recipe.comparison.grid)]
+    return stage1, stage2, comparison
+
+
+# --------------------------------------------------------------------------- the trial
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def run_trial(spec: TrialSpec, experiment: Path) -> dict[str, Any]:
+    """Train one trial (and its LR range test); returns its final metrics.
+
+    Idempotent: a finished run is not retrained (``train.fit`` resumes or returns), so a
+    trial Tune restarts after a driver crash costs only its start-up.
+    """
+    from cxr_ray import train
+
+    run_dir = experiment / spec.stage / spec.run_name
+    cfg = dict(spec.train)
+    if spec.stage == "stage2":
+        source = experiment / "stage1" / str(spec.stage1_run)
+        if not (source / train.SUMMARY_FILE).is_file():
+            raise RuntimeError(f"stage-1 run {source} has not finished; stage 2 of "
+                               f"{spec.cohort} cannot start")
+        cfg["init_from"] = str(source)
+        if spec.lr_source == "lr_find":
+            cfg["lr_bounds"] = str(experiment / "lr_find" / str(spec.stage1_run) / "lr_find.json")
+    trial = {"stage": spec.stage, "cohort": spec.cohort, "policy": spec.policy,
+             "axes": spec.axes, "lr_source": spec.lr_source, "stage1_run": spec.stage1_run,
+             "step_size_epochs": cfg.get("step_size_epochs"), "status": "finished"}
+    summary = train.fit(train.TrainConfig.from_dict(cfg), storage_path=experiment / spec.stage,
+                        name=spec.run_name)
+    plan = summary.plan or {}
+    if spec.stage == "stage2" and trial["step_size_epochs"] is None:
+        step = (plan.get("policy") or {}).get("step_size")
+        spe = plan.get("steps_per_epoch")
+        trial["step_size_epochs"] = step / spe if step and spe else None
+    if spec.lr_find is not None:
+        _lr_find(spec, cfg, experiment, summary)
+    # Written last: its presence marks a finished trial (the report reads only those).
+    _write_json(run_dir / report.TRIAL_FILE, trial)
+    last = summary.history[-1] if summary.history else {}
+    return {"cohort": spec.cohort, "policy": spec.policy or "", "stage": spec.stage,
+            "epochs": summary.epochs, "compute_seconds": summary.compute_seconds,
+            **{k: v for k, v in last.items() if k.startswith("test_") and v is not None},
+            "best_metric": summary.best_metric if summary.best_metric is not None else math.nan}
+
+
+def _lr_find(spec: TrialSpec, cfg: dict[str, Any], experiment: Path, summary) -> None:
+    from cxr_ray import train
+
+    out = experiment / "lr_find" / spec.run_name
+    if (out / "lr_find.json").is_file():
+        return
+    lr = dict(spec.lr_find or {})
+    lr.pop("enabled", None)
+    config = train.TrainConfig.from_dict({**cfg, "init_from": summary.run_dir})
+    result = train.lr_find(config, out=out, **lr)
+    data = json.loads((out / "lr_find.json").read_text())
+    if data.get("cohort") != spec.cohort:
+        data["cohort"] = spec.cohort
+        _write_json(out / "lr_find.json", data)
+    log.info("%s: LR range test suggests base %.3g, max %.3g", spec.run_name,
+             result["base_lr"], result["max_lr"])
+
+
+def _tune_trial(config: dict[str, Any]) -> None:
+    """The Tune function trainable: one trial (runs in a Tune trial actor)."""
+    from ray import tune  # Ray-specific
+
+    spec = TrialSpec.from_dict(config["spec"])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    metrics = run_trial(spec, Path(config["experiment"]))
+    tune.report(metrics)
+
+
+# --------------------------------------------------------------------------- the driver
+def concurrency(recipe: Recipe) -> int:
+    """Trials at once: the recipe's number, or what the cluster's resources hold."""
+    import ray
+
+    setting = recipe.resources.max_concurrent_trials
+    if setting != "auto":
+        return int(setting)
+    resources = ray.cluster_resources()
+    workers = int(recipe.train.get("workers", 1) or 1)
+    if recipe.train.get("gpu"):
+        return max(1, int(resources.get("GPU", 0) // workers))
+    # CPU training: each trial holds its workers' CPUs and its own sliver; keep DATA_RESERVE
+    # CPUs free for the Ray Data tasks that feed the workers, or trials starve each other.
+    per_trial = workers * float(recipe.train.get("cpus_per_worker") or 1.0) + \
+        recipe.resources.trial_cpus
+    return max(1, int((resources.get("CPU", 1) - DATA_RESERVE) // per_trial))
+
+
+def _run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: Path) -> None:
+    from ray import tune  # Ray-specific from here on
+    from ray.tune.logger import TBXLoggerCallback
+
+    if not specs:
+        return
+    trainable = tune.with_resources(_tune_trial, {"CPU": recipe.resources.trial_cpus})
+    tune_dir = experiment / "tune"
+    path = tune_dir / stage
+    n = concurrency(recipe)
+    log.info("%s: %d trials, %d at a time", stage, len(specs), n)
+    if tune.Tuner.can_restore(str(path)):
+        log.info("%s: resuming the Tune experiment in %s", stage, path)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                                   restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"spec": tune.grid_search([s.to_dict() for s in specs]),
+                         "experiment": str(experiment)},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=n,
+                trial_name_creator=lambda t: t.config["spec"]["run_name"],
+                trial_dirname_creator=lambda t: t.config["spec"]["run_name"]),
+            run_config=tune.RunConfig(
+                name=stage, storage_path=str(tune_dir), callbacks=[TBXLoggerCallback()],
+                failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+        )
+    results = tuner.fit()
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        first = failed[0]
+        raise RuntimeError(f"{stage}: {len(failed)} of {len(results)} trials failed; first: "
+                           f"{first.path}: {str(first.error).strip().splitlines()[-1]}")
+
+
+def _check_recipe(experiment: Path, recipe: Recipe) -> None:
+    stored = experiment / RECIPE_FILE
+    current = json.loads(json.dumps(recipe.to_dict(), default=str))
+    if stored.is_file():
+        before = json.loads(stored.read_text())
+        before.pop("source", None)
+        now = dict(current)
+        now.pop("source", None)
+        if before != now:
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise UserError(f"{experiment} was started with a different recipe (sections "
+                            f"{', '.join(changed)} differ); use a new experiment name, or "
+                            "restore the recipe to resume")
+    else:
+        _write_json(stored, current)
+
+
+def run_sweep(recipe: Recipe, *, resume: bool = False, address: str | None = None) -> Path:
+    """Run (or resume) the whole sweep and write the report; returns report.md's path."""
+    from cxr_ray.pipeline import open_shards, ray_session
+
+    experiment = recipe.experiment_dir
+    if resume and not (experiment / RECIPE_FILE).is_file():
+        raise UserError(f"--resume: {experiment} holds no sweep to resume; run without --resume")
+    open_shards(recipe.experiment.shards, expect_size=recipe.train.get("image_size"))
+    stage1, stage2, comparison = plan_trials(recipe)
+    experiment.mkdir(parents=True, exist_ok=True)
+    _check_recipe(experiment, recipe)
+    start = time.perf_counter()
+    from cxr_ray.train import FAST_CONTROL_ENV
+
+    for key, value in FAST_CONTROL_ENV.items():  # read by Ray Train controllers the trials start
+        os.environ.setdefault(key, value)
+    with ray_session(address):
+        _run_stage(recipe, "stage1", stage1, experiment)
+        _run_stage(recipe, "stage2", stage2, experiment)
+        _run_stage(recipe, "comparison", comparison, experiment)
+    path = report.write_report(experiment, target=recipe.experiment.target)
+    log.info("sweep of %d trials done in %.0f s", len(stage1) + len(stage2) + len(comparison),
+             time.perf_counter() - start)
+    return path

@@ -1,0 +1,89 @@
+"""Recipes: both shipped recipes load; a broken recipe fails with an error naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cxr_ray import config, sweep
+from cxr_ray.errors import UserError
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def test_demo_recipe_is_all_15_cohorts_by_all_policies():
+    recipe = config.load_recipe(JOBS / "demo.toml")
+    stage1, stage2, comparison = sweep.plan_trials(recipe)
+    assert len(stage1) == 15 and len(stage2) == 15 * 7 and not comparison
+    assert {s.policy for s in stage2} == set(config.DEFAULT_POLICIES)
+    assert all(s.lr_find for s in stage1)  # every stage-1 model gets its LR range test
+    bounded = [s for s in stage2 if s.policy in config.BOUNDED_POLICIES]
+    assert {s.lr_source for s in bounded} == {"lr_find"}
+    assert {s.lr_source for s in stage2 if s not in bounded} == {"preset"}
+    # stage-2 trials start from their own cohort's stage-1 run; names say stage/cohort/policy
+    assert all(s.stage1_run == s.cohort for s in stage2)
+    assert stage2[0].run_name == "Atelectasis__constant"
+
+
+def test_paper_recipe_has_the_backbone_by_optimizer_comparison():
+    recipe = config.load_recipe(JOBS / "paper.toml")
+    stage1, stage2, comparison = sweep.plan_trials(recipe)
+    assert recipe.train["image_size"] == 224 and recipe.train["model"] == "mobilenet_v1"
+    assert recipe.stage2["epochs"] == 36 and recipe.stage2["step_size_epochs"] == 2
+    assert len(comparison) == 9 and {c.cohort for c in comparison} == {"Atelectasis"}
+    assert {(c.axes["model"], c.axes["optimizer"]) for c in comparison} == {
+        (m, o) for m in ("mobilenet_v1", "alexnet", "densenet121")
+        for o in ("sgd", "adam", "rmsprop")}
+
+
+def test_any_training_key_can_be_a_grid_axis():
+    recipe = config.parse_recipe({
+        "experiment": {"name": "x", "shards": "s", "cohorts": ["Mass", "hernia"]},
+        "grid": {"policy": ["triangular"], "batch_size": [8, 16]},
+        "stage1_grid": {"model": ["mobilenet_v1", "densenet121"]},
+        "stage2": {"bounds": "recipe", "base_lr": 0.001, "max_lr": 0.01},
+    })
+    stage1, stage2, _ = sweep.plan_trials(recipe)
+    assert [s.run_name for s in stage1] == ["Mass__model-mobilenet_v1", "Mass__model-densenet121",
+                                            "Hernia__model-mobilenet_v1",
+                                            "Hernia__model-densenet121"]
+    assert sorted(s.run_name for s in stage2 if s.cohort == "Mass") == [
+        "Mass__triangular__batch_size-16", "Mass__triangular__batch_size-8"]
+    assert {s.train["batch_size"] for s in stage2} == {8, 16}
+
+
+@pytest.mark.parametrize("recipe, expect", [
+    ({"experiment": {"shards": "s"}}, r"\[experiment\] name: required"),
+    ({"experiment": {"name": "x"}}, r"\[experiment\] shards: required"),
+    ({"experiment": {"name": "x", "shards": "s"}, "stage2": {"epochs": "four"}},
+     r"\[stage2\] epochs: must be a number, got 'four'"),
+    ({"experiment": {"name": "x", "shards": "s"}, "train": {"learning_rate": 0.1}},
+     r"\[train\]: unknown key 'learning_rate'"),
+    ({"experiment": {"name": "x", "shards": "s"}, "grid": {"policy": ["cosine"]}},
+     r"\[grid\] policy: unknown policy 'cosine'"),
+    ({"experiment": {"name": "x", "shards": "s", "cohorts": ["Covid"]}}, r"unknown cohort 'Covid'"),
+    ({"experiment": {"name": "x", "shards": "s"}, "lr_find": {"rule": "magic"}},
+     r"\[lr_find\] rule: 'magic' is not one of"),
+    ({"experiment": {"name": "x", "shards": "s"}, "sweeep": {}}, r"unknown section \[sweeep\]"),
+    ({"experiment": {"name": "x", "shards": "s"}, "grid": {"model": ["alexnet"]}},
+     r"\[grid\] model changes the model"),
+    ({"experiment": {"name": "x", "shards": "s"}, "resources": {"max_concurrent_trials": 0}},
+     r"max_concurrent_trials"),
+    ({"experiment": {"name": "x", "shards": "s", "target": 80}}, r"target: a fraction"),
+    ({"experiment": {"name": "x", "shards": "s"}, "train": {"cohort": "Mass"}},
+     r"'cohort' is set by the sweep"),
+])
+def test_broken_recipes_name_the_key(recipe, expect):
+    with pytest.raises(UserError, match=expect):
+        parsed = config.parse_recipe(recipe, "bad.toml")
+        sweep.plan_trials(parsed)
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match="no such recipe file"):
+        config.load_recipe(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[experiment\nname = 1")
+    with pytest.raises(UserError, match="bad.toml: not valid TOML"):
+        config.load_recipe(bad)
