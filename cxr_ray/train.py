@@ -169,6 +169,9 @@ class TrainConfig:
     """Rank 0 writes buffered per-step losses every this many steps (one device sync each)."""
     address: str | None = None
     """Ray cluster; default ``RAY_ADDRESS``, else a local Ray for the run."""
+    throttle_s: float = 0.0
+    """Testing aid: sleep this long after every optimizer step (lets a test kill a worker
+    mid-epoch)."""
 
     def validate(self) -> "TrainConfig":
         """Raise a :class:`UserError` naming the offending key; returns self."""
@@ -257,10 +260,11 @@ class RunPlan:
     init_from: str | None
     log_every: int
     run_dir: str = ""
+    throttle_s: float = 0.0
 
     #: Fields a re-run may change without starting a new run.
     MUTABLE = ("epochs", "workers", "worker_batch", "steps_per_epoch", "threads", "run_dir",
-               "shards", "log_every", "init_from")
+               "shards", "log_every", "init_from", "throttle_s")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -331,7 +335,8 @@ def plan_run(config: TrainConfig, run_dir: str | Path = "") -> RunPlan:
         batch_size=batch, worker_batch=worker_batch, workers=c.workers, steps_per_epoch=spe,
         train_images=n_train, test_images=n_test, seed=c.seed, augment=c.augment, amp=c.amp,
         threads=c.threads or 1, gpu=c.gpu,
-        init_from=str(init) if init else None, log_every=c.log_every, run_dir=str(run_dir))
+        init_from=str(init) if init else None, log_every=c.log_every, run_dir=str(run_dir),
+        throttle_s=c.throttle_s)
 
 
 def _resolve_policy(c: TrainConfig, paper: bool, stage1: presets.Stage1Recipe,
@@ -403,8 +408,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"checkpoint {path}: no such file") from None
     except Exception as exc:  # unpickling errors come in many types
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise UserError(f"checkpoint {path} is not readable as a torch file (weights_only): "
-                        f"{type(exc).__name__}: {exc}") from None
+                        f"{type(exc).__name__}: {first}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a cxr-ray training checkpoint")
     if ckpt.get("format_version") != CHECKPOINT_VERSION:
@@ -600,9 +606,7 @@ def setup(plan: RunPlan):
     torch.manual_seed(plan.seed)
     device = ray.train.torch.get_device()
     amp = plan.amp if plan.amp is not None else device.type == "cuda"
-    model = models.build_model(models.ModelConfig(**plan.model))
-    if plan.init_from:  # stage 2: the stage-1 weights, fresh optimizer and policy
-        model.load_state_dict(load_checkpoint(plan.init_from)["model_state"])
+    model = initial_model(plan)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # Ray: to device, DDP when workers > 1
@@ -610,6 +614,14 @@ def setup(plan: RunPlan):
                                             optim.OptimizerConfig(**plan.optimizer))
     scheduler = schedules.PolicyLR(optimizer, schedules.PolicyConfig.from_dict(plan.policy))
     return model, optimizer, scheduler, device, amp
+
+
+def initial_model(plan: RunPlan) -> models.CxrClassifier:
+    """The model before training: ImageNet/random init, or stage 2's stage-1 weights."""
+    model = models.build_model(models.ModelConfig(**plan.model))
+    if plan.init_from:  # fresh optimizer and policy; only the weights (and BN statistics)
+        model.load_state_dict(load_checkpoint(plan.init_from)["model_state"])
+    return model
 
 
 def restore(checkpoint, model, optimizer, scheduler) -> LoopState:
@@ -665,6 +677,8 @@ def train_epoch(plan: RunPlan, model, optimizer, scheduler, shard, epoch: int,
             float(n), device=device), loss * n]).double()
         state.step += 1
         steps += 1
+        if plan.throttle_s:
+            time.sleep(plan.throttle_s)
     if steps != plan.steps_per_epoch:
         log.warning("epoch %d: %d steps on this worker, planned %d", epoch + 1, steps,
                     plan.steps_per_epoch)
@@ -678,6 +692,7 @@ def evaluate(model, shard, device, amp: bool, expect: int | None = None) -> dict
     """Scores of this worker's test shard, gathered from every worker and de-duplicated by
     image id, → loss and the metrics of :mod:`cxr_ray.metrics` over the whole test split."""
     net = _unwrap(model)  # no DDP in evaluation: shards may differ in size
+    _broadcast_buffers(net)  # every rank evaluates rank 0's model, the one checkpointed
     net.eval()
     ids, logits, labels = [], [], []
     for batch in _batches(shard, 256, device):
@@ -749,6 +764,13 @@ def _batches(shard, batch_size: int, device: torch.device):
 def _all_reduce(t: torch.Tensor) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
+
+
+def _broadcast_buffers(net: torch.nn.Module) -> None:
+    """Rank 0's BatchNorm statistics to every rank (DDP syncs them only at the next forward)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for buffer in net.buffers():
+            torch.distributed.broadcast(buffer, 0)
 
 
 def _all_gather(obj: Any) -> list[Any]:
@@ -934,9 +956,7 @@ def _check_run_dir(run_dir: Path, plan: RunPlan, resume: bool) -> int:
     old = RunPlan.from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
     mine, theirs = plan.identity(), old.identity()
     if mine != theirs:
-        diffs = [f"{k}: {theirs.get(k)!r} → {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
-                 if mine.get(k) != theirs.get(k)]
-        raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(diffs)[:400]}); "
+        raise UserError(f"{run_dir} holds a run with other settings ({_diff(theirs, mine)}); "
                         "re-run with the same settings to resume it, or choose another --out")
     done = len(_read_history(run_dir))
     if done > plan.epochs:
@@ -945,6 +965,20 @@ def _check_run_dir(run_dir: Path, plan: RunPlan, resume: bool) -> int:
     if done:
         log.info("%s: resuming after epoch %d of %d", run_dir, done, plan.epochs)
     return done
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    """``key: old → new`` for every differing key, nested dicts flattened (``policy.max_lr``)."""
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            parts.append(_diff(a, b, f"{prefix}{key}."))
+        else:
+            parts.append(f"{prefix}{key} {a!r} → {b!r}")
+    return "; ".join(parts)
 
 
 def _run_trainer(config: TrainConfig, plan: RunPlan, run_dir: Path, *,
