@@ -17,9 +17,22 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+CXR    := $(VENV)/bin/cxr-ray
+COHORT ?= Effusion
+TRAIN  := --shards $(DEMO)/shards --cohort $(COHORT) --width 0.25 --batch-size 16
+
+# The main job so far: embedded data -> shards -> stage 1 -> LR range test -> stage 2 (CLR).
+# Re-running is cheap: prepare skips a complete shard set, finished runs are not retrained.
 demo: $(STAMP)
-	$(VENV)/bin/cxr-ray synth --out $(DEMO)/data --per-class 12 --size 256
-	$(VENV)/bin/cxr-ray cohorts --metadata $(DEMO)/data/Data_Entry_2017.csv
+	$(CXR) synth --out $(DEMO)/data --per-class 30 --size 256
+	$(CXR) cohorts --metadata $(DEMO)/data/Data_Entry_2017.csv --cohort $(COHORT)
+	$(CXR) prepare --data $(DEMO)/data --out $(DEMO)/shards --size 64
+	$(CXR) train $(TRAIN) --out $(DEMO)/runs/$(COHORT)-stage1 --epochs 3
+	$(CXR) lr-find $(TRAIN) --init-from $(DEMO)/runs/$(COHORT)-stage1 --out $(DEMO)/runs/$(COHORT)-lr-find
+	$(CXR) train $(TRAIN) --out $(DEMO)/runs/$(COHORT)-triangular --epochs 4 \
+	    --init-from $(DEMO)/runs/$(COHORT)-stage1 --policy triangular --step-size-epochs 1 \
+	    --lr-bounds $(DEMO)/runs/$(COHORT)-lr-find/lr_find.json
+	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO)/runs"
 
 test: $(STAMP)
 	$(PY) -m pytest
