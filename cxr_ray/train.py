@@ -660,8 +660,8 @@ def train_epoch(plan: RunPlan, model, optimizer, scheduler, shard, epoch: int,
 
     model.train()
     aug = AugmentConfig() if plan.augment else AugmentConfig.none()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # bce·n, correct, n, loss
-    steps = 0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # bce·n, correct, n, loss·n
+    steps, cpu0 = 0, time.process_time()
     for batch in _batches(shard, plan.worker_batch, device):
         if len(batch["label"]) < 2:  # BatchNorm1d in the head needs two images
             continue
@@ -682,9 +682,11 @@ def train_epoch(plan: RunPlan, model, optimizer, scheduler, shard, epoch: int,
     if steps != plan.steps_per_epoch:
         log.warning("epoch %d: %d steps on this worker, planned %d", epoch + 1, steps,
                     plan.steps_per_epoch)
+    cpu = torch.tensor([time.process_time() - cpu0], dtype=torch.float64, device=device)
+    sums = torch.cat([sums, cpu])
     _all_reduce(sums)
     return {"bce": float(sums[0]), "correct": float(sums[1]), "images": float(sums[2]),
-            "loss": float(sums[3])}
+            "loss": float(sums[3]), "cpu_seconds": float(sums[4])}
 
 
 @torch.no_grad()
@@ -728,8 +730,10 @@ def epoch_record(plan: RunPlan, state: LoopState, epoch: int, train: dict[str, f
         "lr_last": float(schedules.lr_at(schedules.PolicyConfig.from_dict(plan.policy),
                                          state.step - 1)) if state.step else None,
         "images_per_s": train["images"] / train_s if train_s > 0 else None,
-        "train_seconds": train_s, "eval_seconds": eval_s, "epoch_seconds": train_s + eval_s,
+        "train_seconds": train_s, "train_cpu_seconds": train["cpu_seconds"],
+        "eval_seconds": eval_s, "epoch_seconds": train_s + eval_s,
         "elapsed_seconds": prev + train_s + eval_s, "workers": plan.workers,
+        "time": time.time(),
     }
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in record.items()}
@@ -900,6 +904,11 @@ class TrainSummary:
     """Sum of the epochs' train + eval seconds over the whole run (resumes included)."""
     resumed_from_epoch: int
     """Epochs already done when this call started."""
+    startup_seconds: float | None = None
+    """From the call to the start of the training loop (Ray, data, workers, restore);
+    None when nothing was left to train."""
+    teardown_seconds: float | None = None
+    """From the end of the last epoch to the return of this call (checkpoint, shutdown)."""
     plan: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -924,7 +933,7 @@ def fit(config: TrainConfig, *, storage_path: str | Path, name: str,
     one is initialised (a Tune trial's, a test's) or ``config.address``/``RAY_ADDRESS`` names
     a cluster.
     """
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     run_dir = Path(storage_path).expanduser().resolve() / name
     plan = plan_run(config, run_dir)
     done = _check_run_dir(run_dir, plan, resume)
@@ -937,7 +946,7 @@ def fit(config: TrainConfig, *, storage_path: str | Path, name: str,
             range(1, plan.epochs + 1)):
         raise RuntimeError(f"{run_dir}: history holds epochs {[r['epoch'] for r in history]}, "
                            f"expected 1..{plan.epochs}")
-    summary = _summarize(config, plan, run_dir, history, done, time.perf_counter() - t0)
+    summary = _summarize(config, plan, run_dir, history, done, time.perf_counter() - t0, started)
     _atomic_write(run_dir / SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2) + "\n")
     return summary
 
@@ -1060,13 +1069,12 @@ def cohort_datasets(shards: str, cohort: str, *, seed: int, cache: bool = True
 CACHE_BLOCK_BYTES = 32 * 2**20
 
 
-def cached_split(shards: pipeline.Shards, cohort: str, split: str) -> Any:
-    """One cohort split read in this process and put into Ray's object store as a
-    materialized Dataset with the columns of :func:`cxr_ray.pipeline.cohort_dataset`."""
+def read_split(shards: pipeline.Shards, cohort: str, split: str
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One cohort split read in this process: uint8 images (n, H, W), image ids, float32
+    labels (the columns of :func:`cxr_ray.pipeline.cohort_dataset`, in shard order)."""
     import pyarrow as pa
     import pyarrow.dataset as pads
-    import ray.data  # Ray-specific
-    from ray.data.extensions import ArrowTensorArray
 
     from cxr_ray import decode
 
@@ -1082,12 +1090,21 @@ def cached_split(shards: pipeline.Shards, cohort: str, split: str) -> Any:
                         f"the shards hold {len(set(got) & set(ids))} of them; re-run "
                         f"cxr-ray prepare --force --out {shards.root}")
     images = decode.pixels_to_numpy(data.column("pixels"), shards.size)
-    labels = table["label"].to_numpy(np.float32)[where]
-    n_blocks = max(1, min(len(got), -(-images.nbytes // CACHE_BLOCK_BYTES)))
-    parts = np.array_split(np.arange(len(got)), max(n_blocks, min(len(got), 4)))
+    return images, got.astype(np.int64), table["label"].to_numpy(np.float32)[where]
+
+
+def cached_split(shards: pipeline.Shards, cohort: str, split: str) -> Any:
+    """:func:`read_split` put into Ray's object store as a materialized Dataset."""
+    import pyarrow as pa
+    import ray.data  # Ray-specific
+    from ray.data.extensions import ArrowTensorArray
+
+    images, ids, labels = read_split(shards, cohort, split)
+    n_blocks = max(1, min(len(ids), -(-images.nbytes // CACHE_BLOCK_BYTES)))
+    parts = np.array_split(np.arange(len(ids)), max(n_blocks, min(len(ids), 4)))
     return ray.data.from_arrow([pa.table({
         "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images[p])),
-        "image_id": pa.array(got[p]), "label": pa.array(labels[p])}) for p in parts])
+        "image_id": pa.array(ids[p]), "label": pa.array(labels[p])}) for p in parts])
 
 
 @contextlib.contextmanager
@@ -1204,7 +1221,7 @@ def _read_history(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _summarize(config: TrainConfig, plan: RunPlan, run_dir: Path, history: list[dict[str, Any]],
-               done: int, wall: float) -> TrainSummary:
+               done: int, wall: float, started: float) -> TrainSummary:
     kept = {int(p.name.rsplit("_", 1)[1]): p for p in run_dir.glob("checkpoint_epoch_*")
             if (p / CHECKPOINT_FILE).is_file()}
     metric, mode = config.checkpoint_metric, SCORE_METRICS[config.checkpoint_metric]
@@ -1218,7 +1235,19 @@ def _summarize(config: TrainConfig, plan: RunPlan, run_dir: Path, history: list[
         checkpoint_metric=metric, best_metric=best[0] if best else None,
         wall_seconds=wall, images=sum(r["train_images"] for r in history[done:]),
         compute_seconds=sum(r["epoch_seconds"] for r in history),
-        resumed_from_epoch=done, plan=plan.to_dict())
+        resumed_from_epoch=done, plan=plan.to_dict(),
+        startup_seconds=_first_attempt_after(run_dir, started),
+        teardown_seconds=(started + wall - history[-1]["time"]) if done < len(history)
+        and "time" in history[-1] else None)
+
+
+def _first_attempt_after(run_dir: Path, started: float) -> float | None:
+    path = run_dir / ATTEMPTS_FILE
+    if not path.is_file():
+        return None
+    times = [json.loads(line)["time"] for line in path.read_text().splitlines() if line.strip()]
+    later = [t for t in times if t >= started]
+    return min(later) - started if later else None
 
 
 __all__ = ["CHECKPOINT_FILE", "lr_find", "lr_find_loop_per_worker", "LoopState", "RunPlan", "TrainConfig", "TrainSummary",
