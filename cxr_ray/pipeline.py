@@ -166,8 +166,9 @@ class PrepareResult:
     def summary(self) -> str:
         m = self.manifest
         head = (f"{self.out} is up to date" if self.skipped else
-                f"prepared {m['rows']} listed images at {m['size']}² into {self.out} "
-                f"in {self.seconds:.1f} s ({m['rows'] / max(self.seconds, 1e-9):.1f} images/s)")
+                f"prepared {m['rows']} listed images at {m['size']}² into {self.out} in "
+                f"{self.seconds:.1f} s (decoding {m['decode_seconds']:.1f} s, "
+                f"{m['rows'] / max(m['decode_seconds'], 1e-9):.1f} images/s on {m['ray_cpus']} CPUs)")
         return (f"{head}: written {m['written']}, quarantined {m['quarantined']}, "
                 f"unlisted on disk {m['unlisted_on_disk']}; {len(m['cohorts'])} cohort tables")
 
