@@ -47,7 +47,16 @@ Data: each worker streams its equal share of the cohort's shuffled train split
 (``DataConfig``: equal rows per worker, so every worker takes the same number of DDP steps) and
 augments it on its device with :func:`cxr_ray.pipeline.train_transform` for the epoch; the test
 split is split without dropping rows, and the scores of all workers are gathered, so test
-metrics cover every test image exactly once.
+metrics cover every test image exactly once. By default (``cache``) the driver reads the
+cohort's two splits once into Ray's object store and Ray Data reshuffles that every epoch.
+
+LR range test (:func:`lr_find`, ``cxr-ray lr-find``): the same workers and training step with
+an exponential lr ramp, the loss averaged over the workers every step; writes
+``OUT/lr_find.json`` (curve + suggested ``base_lr``/``max_lr``, what ``--lr-bounds`` reads),
+``OUT/lr_find.png`` and ``OUT/tensorboard/``.
+
+On a multi-node cluster ``DIR`` must be storage every node sees (rank 0 writes its files there,
+Ray Train its checkpoints), like the shard set.
 """
 
 from __future__ import annotations
@@ -145,8 +154,9 @@ class TrainConfig:
     """CPUs Ray reserves for each worker; None: 1, or less where the cluster would otherwise
     keep no CPU for Ray Data (2 workers on 2 CPUs: 0.5 each)."""
     threads: int | None = None
-    """torch threads per worker; None: the cluster's CPUs divided among the workers (CPU
-    training), else ``cpus_per_worker``."""
+    """torch threads per worker; None: with ``cpus_per_worker`` unset and no GPU, the
+    cluster's CPUs divided among the workers (the run has the machine to itself), else
+    ``cpus_per_worker`` (rounded down, at least 1)."""
     gpu: bool = False
     """One GPU per worker (NCCL, bf16 autocast, channels_last)."""
     amp: bool | None = None
@@ -1182,8 +1192,12 @@ def _cpu_split(config: TrainConfig, plan: RunPlan) -> tuple[float, int]:
     if not plan.gpu and plan.workers * cpus > total:
         raise UserError(f"{plan.workers} workers × {cpus:g} CPUs exceed the cluster's "
                         f"{total:g} CPUs; lower --workers or --cpus-per-worker")
-    threads = config.threads or (max(1, int(total // plan.workers)) if not plan.gpu
-                                 else max(1, int(cpus)))
+    if config.threads:
+        threads = config.threads
+    elif config.cpus_per_worker is None and not plan.gpu:  # the run has the machine to itself
+        threads = max(1, int(total // plan.workers))
+    else:  # e.g. concurrent sweep trials: stay within the reservation
+        threads = max(1, int(cpus))
     return cpus, threads
 
 
