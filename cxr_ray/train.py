@@ -43,12 +43,15 @@ loaded with ``weights_only=True``)::
     scheduler (PolicyLR state), epoch (epochs done), step (optimizer steps done),
     history [per-epoch dicts], steps {"lr": [...], "loss": [...]}, plan {RunPlan}
 
-Data: each worker streams its equal share of the cohort's shuffled train split
-(``DataConfig``: equal rows per worker, so every worker takes the same number of DDP steps) and
-augments it on its device with :func:`cxr_ray.pipeline.train_transform` for the epoch; the test
-split is split without dropping rows, and the scores of all workers are gathered, so test
-metrics cover every test image exactly once. By default (``cache``) the driver reads the
-cohort's two splits once into Ray's object store and Ray Data reshuffles that every epoch.
+Data: each worker takes its equal share of the cohort's train split, reshuffled every epoch
+(equal rows per worker, so every worker takes the same number of DDP steps), and augments it
+on its device with :func:`cxr_ray.pipeline.train_transform` for the epoch; the test split is
+split without dropping rows, and the scores of all workers are gathered, so test metrics cover
+every test image exactly once. By default (``cache``) the driver reads the cohort's two splits
+from Parquet once into Ray's object store and the workers map them zero-copy
+(:class:`CachedShard`): no Ray Data actors or tasks per run or epoch, which on a small machine
+cost more than an epoch of a small cohort. ``cache=False`` streams both splits from Parquet
+with Ray Data every epoch (``DataConfig`` sharding), for cohorts larger than the object store.
 
 LR range test (:func:`lr_find`, ``cxr-ray lr-find``): the same workers and training step with
 an exponential lr ramp, the loss averaged over the workers every step; writes
@@ -166,9 +169,10 @@ class TrainConfig:
     augment: bool = True
     """Apply the study's Keras augmentation to training images."""
     cache: bool = True
-    """Decode the cohort's splits from Parquet once per run into Ray's object store and shuffle
-    that every epoch (fast); False streams from Parquet every epoch (for cohorts larger than
-    the object store)."""
+    """Read the cohort's splits from Parquet once per run (in the driver) into Ray's object
+    store; every worker maps them zero-copy and takes its share of a new permutation each
+    epoch. False: Ray Data streams and shuffles them from Parquet every epoch (for cohorts
+    larger than the object store)."""
     checkpoint_metric: str = "test_auc"
     """Per-epoch metric ranking the kept checkpoints (:data:`SCORE_METRICS`)."""
     keep_checkpoints: int = 2
@@ -587,13 +591,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: setup, restore, then train → evaluate → report."""
     import ray.train  # Ray-specific: context, shards, checkpoints
 
-    plan = RunPlan.from_dict(config)
+    plan = RunPlan.from_dict(config["plan"])
     rank = ray.train.get_context().get_world_rank()
     model, optimizer, scheduler, device, amp = setup(plan)
     state = restore(ray.train.get_checkpoint(), model, optimizer, scheduler)  # Ray
     runlog = RunLog(plan, state, rank)
-    train_shard = ray.train.get_dataset_shard("train")  # Ray
-    test_shard = ray.train.get_dataset_shard("test")  # Ray
+    train_shard = worker_split(config.get("data"), "train", plan.seed)
+    test_shard = worker_split(config.get("data"), "test", plan.seed)
     for epoch in range(state.epoch, plan.epochs):
         t0 = time.perf_counter()
         train = train_epoch(plan, model, optimizer, scheduler, train_shard, epoch, state,
@@ -672,7 +676,8 @@ def train_epoch(plan: RunPlan, model, optimizer, scheduler, shard, epoch: int,
     aug = AugmentConfig() if plan.augment else AugmentConfig.none()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # bce·n, correct, n, loss·n
     steps, cpu0 = 0, time.process_time()
-    for batch in _batches(shard, plan.worker_batch, device):
+    batches = _Timed(_batches(shard, plan.worker_batch, device, epoch))
+    for batch in batches:
         if len(batch["label"]) < 2:  # BatchNorm1d in the head needs two images
             continue
         x, y = pipeline.train_transform(batch, epoch=epoch, seed=plan.seed, cfg=aug, device=device)
@@ -692,11 +697,13 @@ def train_epoch(plan: RunPlan, model, optimizer, scheduler, shard, epoch: int,
     if steps != plan.steps_per_epoch:
         log.warning("epoch %d: %d steps on this worker, planned %d", epoch + 1, steps,
                     plan.steps_per_epoch)
-    cpu = torch.tensor([time.process_time() - cpu0], dtype=torch.float64, device=device)
-    sums = torch.cat([sums, cpu])
+    extra = torch.tensor([time.process_time() - cpu0, batches.wait], dtype=torch.float64,
+                         device=device)
+    sums = torch.cat([sums, extra])
     _all_reduce(sums)
     return {"bce": float(sums[0]), "correct": float(sums[1]), "images": float(sums[2]),
-            "loss": float(sums[3]), "cpu_seconds": float(sums[4])}
+            "loss": float(sums[3]), "cpu_seconds": float(sums[4]),
+            "data_wait_seconds": float(sums[5]) / _world_size()}
 
 
 @torch.no_grad()
@@ -741,6 +748,7 @@ def epoch_record(plan: RunPlan, state: LoopState, epoch: int, train: dict[str, f
                                          state.step - 1)) if state.step else None,
         "images_per_s": train["images"] / train_s if train_s > 0 else None,
         "train_seconds": train_s, "train_cpu_seconds": train["cpu_seconds"],
+        "data_wait_seconds": train["data_wait_seconds"],
         "eval_seconds": eval_s, "epoch_seconds": train_s + eval_s,
         "elapsed_seconds": prev + train_s + eval_s, "workers": plan.workers,
         "time": time.time(),
@@ -769,10 +777,85 @@ def report(record: dict[str, Any], plan: RunPlan, model, optimizer, scheduler,
                          checkpoint_dir_name=name)
 
 
-def _batches(shard, batch_size: int, device: torch.device):
-    """The worker's Ray Data shard as dicts of CPU tensors (pinned for a GPU)."""
+def _batches(shard, batch_size: int, device: torch.device, epoch: int = 0):
+    """The worker's shard (a :class:`CachedShard` or a Ray Data shard) as dicts of CPU
+    tensors (pinned for a GPU): one pass, in ``epoch``'s order."""
+    if isinstance(shard, CachedShard):
+        return shard.iter_torch_batches(batch_size, epoch=epoch, pin_memory=device.type == "cuda")
     return shard.iter_torch_batches(batch_size=batch_size, device="cpu", prefetch_batches=2,
                                     pin_memory=device.type == "cuda")
+
+
+class CachedShard:
+    """A worker's part of a split the driver put into Ray's object store (``cache=True``).
+
+    ``shuffle`` (train): every epoch a permutation of the whole split seeded by (seed, epoch),
+    cut into ``world`` equal parts (``DistributedSampler`` semantics: the same number of rows
+    on every worker, up to world-1 rows left out, a different few each epoch); otherwise
+    (test) rows ``rank::world``, so the workers together cover the split exactly once.
+    """
+
+    def __init__(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], *, rank: int,
+                 world: int, seed: int, shuffle: bool) -> None:
+        self.images, self.ids, self.labels = arrays
+        self.rank, self.world, self.seed, self.shuffle = rank, world, seed, shuffle
+
+    def indices(self, epoch: int) -> np.ndarray:
+        n = len(self.ids)
+        if not self.shuffle:
+            return np.arange(self.rank, n, self.world)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        per = n // self.world
+        return order[self.rank * per:(self.rank + 1) * per]
+
+    def iter_torch_batches(self, batch_size: int, *, epoch: int = 0,
+                           pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        idx = self.indices(epoch)
+        for start in range(0, len(idx), batch_size):
+            rows = np.sort(idx[start:start + batch_size]) if not self.shuffle else \
+                idx[start:start + batch_size]
+            batch = {"image": torch.from_numpy(self.images[rows]),
+                     "image_id": torch.from_numpy(self.ids[rows]),
+                     "label": torch.from_numpy(self.labels[rows])}
+            if pin_memory:
+                batch = {k: v.pin_memory() for k, v in batch.items()}
+            yield batch
+
+
+def worker_split(data: dict[str, Any] | None, name: str, seed: int) -> Any:
+    """This worker's shard of split ``name``: from the object store when the driver cached
+    the splits (``data``), else Ray Data's ``get_dataset_shard``."""
+    import ray
+    import ray.train  # Ray-specific
+
+    if data is None:
+        return ray.train.get_dataset_shard(name)
+    ctx = ray.train.get_context()
+    return CachedShard(ray.get(data[name]), rank=ctx.get_world_rank(),
+                       world=ctx.get_world_size(), seed=seed, shuffle=name == "train")
+
+
+class _Timed:
+    """An iterator wrapper that adds up the seconds spent waiting for the next batch."""
+
+    def __init__(self, iterable: Any) -> None:
+        self._it, self.wait = iter(iterable), 0.0
+
+    def __iter__(self) -> "_Timed":
+        return self
+
+    def __next__(self) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            self.wait += time.perf_counter() - t0
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
 
 
 def _all_reduce(t: torch.Tensor) -> None:
@@ -812,12 +895,12 @@ def lr_find_loop_per_worker(config: dict[str, Any]) -> None:
     plan = RunPlan.from_dict(config["plan"])
     test = LrRangeTest(LrRangeConfig(**config["range"]))
     model, optimizer, _, device, amp = setup(plan)
-    shard = ray.train.get_dataset_shard("train")  # Ray
+    shard = worker_split(config.get("data"), "train", plan.seed)
     aug = AugmentConfig() if plan.augment else AugmentConfig.none()
     world = ray.train.get_context().get_world_size()
     step, epoch, stop = 0, 0, False
     while not stop:
-        for batch in _batches(shard, plan.worker_batch, device):
+        for batch in _batches(shard, plan.worker_batch, device, epoch):
             if len(batch["label"]) < 2:
                 continue
             x, y = pipeline.train_transform(batch, epoch=epoch, seed=plan.seed, cfg=aug,
@@ -859,7 +942,7 @@ def lr_find(config: TrainConfig, *, out: str | Path, num_steps: int | None = Non
     out.mkdir(parents=True, exist_ok=True)
     (out / LR_FIND_RAW).unlink(missing_ok=True)
     _run_trainer(fixed, plan, out, loop=lr_find_loop_per_worker,
-                 loop_config={"plan": plan.to_dict(), "range": dataclasses.asdict(rng)})
+                 loop_config={"range": dataclasses.asdict(rng)})
     raw = json.loads((out / LR_FIND_RAW).read_text())
     test = LrRangeTest(rng)  # replay the averaged losses: the same curve and stop as rank 0
     for i, loss in enumerate(raw["losses"]):
@@ -1011,14 +1094,20 @@ def _run_trainer(config: TrainConfig, plan: RunPlan, run_dir: Path, *,
     with ray_session(config.address):
         cpus, plan.threads = _cpu_split(config, plan)
         t0 = time.perf_counter()
-        datasets = cohort_datasets(plan.shards, plan.cohort, seed=plan.seed, cache=config.cache)
+        loop_config = {**(loop_config or {}), "plan": plan.to_dict()}
+        if config.cache:  # the splits in the object store; the workers shard them
+            sh = pipeline.open_shards(plan.shards)
+            loop_config["data"] = {split: ray.put(read_split(sh, plan.cohort, split))
+                                   for split in ("train", "test")}
+            datasets, dataset_config = None, None
+        else:  # Ray Data streams (and shuffles) them from the Parquet shards every epoch
+            datasets = cohort_datasets(plan.shards, plan.cohort, seed=plan.seed)
+            dataset_config = TrainTestSplit()
         log.info("cohort %s: %d train / %d test images ready in %.1f s", plan.cohort,
                  plan.train_images, plan.test_images, time.perf_counter() - t0)
-        if loop_config is not None:
-            loop_config["plan"]["threads"] = plan.threads
         trainer = TorchTrainer(
             loop or train_loop_per_worker,
-            train_loop_config=loop_config or plan.to_dict(),
+            train_loop_config=loop_config,
             torch_config=TorchConfig(backend="nccl" if plan.gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=plan.workers, use_gpu=plan.gpu,
@@ -1032,7 +1121,7 @@ def _run_trainer(config: TrainConfig, plan: RunPlan, run_dir: Path, *,
                     checkpoint_score_attribute=config.checkpoint_metric,
                     checkpoint_score_order=SCORE_METRICS[config.checkpoint_metric])),
             datasets=datasets,
-            dataset_config=TrainTestSplit(),
+            dataset_config=dataset_config,
         )
         try:
             with _progress(run_dir, plan.epochs) if loop is None else contextlib.nullcontext():
@@ -1048,35 +1137,16 @@ def _run_trainer(config: TrainConfig, plan: RunPlan, run_dir: Path, *,
                             ) from exc
 
 
-def cohort_datasets(shards: str, cohort: str, *, seed: int, cache: bool = True
-                    ) -> dict[str, Any]:
-    """``{"train", "test"}`` Ray Datasets of a cohort: ``image`` uint8 (H, W), ``image_id``,
-    ``label``; train shuffled with a new seeded permutation every epoch.
-
-    ``cache=False`` is :func:`cxr_ray.pipeline.cohort_dataset` itself: Ray Data reads and
-    decodes the Parquet shards every epoch. ``cache=True`` reads each split once, here in the
-    driver, into Ray's object store (:func:`cached_split`) and shuffles that every epoch:
-    on a small machine Ray Data's read tasks cost tens of seconds per execution, more than
-    a whole epoch of a small cohort.
-    """
-    from ray.data import RandomSeedConfig  # Ray-specific
-
-    if cache:
-        sh = pipeline.open_shards(shards)
-        train = cached_split(sh, cohort, "train").random_shuffle(
-            seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-        test = cached_split(sh, cohort, "test")
-    else:
-        train = pipeline.cohort_dataset(shards, cohort, "train", seed=seed)
-        test = pipeline.cohort_dataset(shards, cohort, "test")
+def cohort_datasets(shards: str, cohort: str, *, seed: int) -> dict[str, Any]:
+    """``{"train", "test"}`` Ray Datasets of a cohort streamed from the Parquet shards
+    (``cache=False``): ``image`` uint8 (H, W), ``image_id``, ``label``; train shuffled with a
+    new seeded permutation every epoch (:func:`cxr_ray.pipeline.cohort_dataset`)."""
+    train = pipeline.cohort_dataset(shards, cohort, "train", seed=seed)
+    test = pipeline.cohort_dataset(shards, cohort, "test")
     for ds in (train, test):  # a progress bar per epoch and split is only noise
         ds.context.enable_progress_bars = False
         ds.context.print_on_execution_start = False
     return {"train": train, "test": test}
-
-
-#: Bytes of pixels per block of a cached split (the unit of shuffling and sharding).
-CACHE_BLOCK_BYTES = 32 * 2**20
 
 
 def read_split(shards: pipeline.Shards, cohort: str, split: str
@@ -1101,20 +1171,6 @@ def read_split(shards: pipeline.Shards, cohort: str, split: str
                         f"cxr-ray prepare --force --out {shards.root}")
     images = decode.pixels_to_numpy(data.column("pixels"), shards.size)
     return images, got.astype(np.int64), table["label"].to_numpy(np.float32)[where]
-
-
-def cached_split(shards: pipeline.Shards, cohort: str, split: str) -> Any:
-    """:func:`read_split` put into Ray's object store as a materialized Dataset."""
-    import pyarrow as pa
-    import ray.data  # Ray-specific
-    from ray.data.extensions import ArrowTensorArray
-
-    images, ids, labels = read_split(shards, cohort, split)
-    n_blocks = max(1, min(len(ids), -(-images.nbytes // CACHE_BLOCK_BYTES)))
-    parts = np.array_split(np.arange(len(ids)), max(n_blocks, min(len(ids), 4)))
-    return ray.data.from_arrow([pa.table({
-        "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images[p])),
-        "image_id": pa.array(ids[p]), "label": pa.array(labels[p])}) for p in parts])
 
 
 @contextlib.contextmanager

@@ -297,3 +297,21 @@ def test_weight_errors(tmp_path):
     text.write_text("hello")
     with pytest.raises(UserError, match="cannot read"):
         create_model("mobilenet_v1", weights=text)
+
+
+def test_weight_file_names_match_torchvision():
+    # kept literal (importing torchvision costs seconds per Ray worker): must follow torchvision
+    from cxr_ray.models.torchvision_backbones import TORCHVISION_WEIGHT_FILES
+
+    assert TORCHVISION_WEIGHT_FILES == {
+        "alexnet": torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1],
+        "densenet121": torchvision.models.DenseNet121_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]}
+
+
+def test_importing_the_models_does_not_import_torchvision():
+    import subprocess
+    import sys
+
+    code = "import sys, cxr_ray.train; print('torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

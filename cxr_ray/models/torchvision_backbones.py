@@ -21,7 +21,6 @@ import re
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 #: Smallest input side (px) each backbone accepts.
@@ -56,6 +55,8 @@ class AlexNetFeatures(nn.Module):
         super().__init__()
         # Build on the meta device so the unused 58 M-parameter classifier costs nothing, then
         # give the features real storage with torchvision's (= torch's default) init.
+        import torchvision  # here, not at module import: it costs seconds in every process
+
         with torch.device("meta"):
             features = torchvision.models.alexnet(weights=None).features
         features[0] = _replace_first_conv(features[0], in_chans)
@@ -76,6 +77,8 @@ class DenseNet121Features(nn.Module):
 
     def __init__(self, in_chans: int = 1) -> None:
         super().__init__()
+        import torchvision
+
         self.features = torchvision.models.densenet121(weights=None).features
         self.features.conv0 = _replace_first_conv(self.features.conv0, in_chans)
 
@@ -84,12 +87,17 @@ class DenseNet121Features(nn.Module):
         return F.relu(self.features(x))
 
 
+#: The file names torchvision's hub cache uses for the ImageNet weights (the basename of
+#: ``AlexNet_Weights.IMAGENET1K_V1.url`` etc.; a test checks them against torchvision's enums,
+#: kept literal here because importing torchvision costs seconds in every Ray worker).
+TORCHVISION_WEIGHT_FILES = {"alexnet": "alexnet-owt-7be5be79.pth",
+                            "densenet121": "densenet121-a639ec97.pth"}
+
+
 def torchvision_weight_filename(name: str) -> str:
     """The file name torchvision's hub cache uses for the ImageNet weights of ``name``
-    (read from the weights enum; nothing is downloaded)."""
-    enum = {"alexnet": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
-            "densenet121": torchvision.models.DenseNet121_Weights.IMAGENET1K_V1}[name]
-    return enum.url.rsplit("/", 1)[-1]
+    (nothing is downloaded)."""
+    return TORCHVISION_WEIGHT_FILES[name]
 
 
 def remap_densenet_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
