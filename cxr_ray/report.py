@@ -176,7 +176,7 @@ def results_table(runs: list[Run], target: float | str = "constant") -> pd.DataF
             "target_accuracy": goal, "epochs_to_target": cross["epochs"],
             "compute_seconds_to_target": cross["compute_seconds"],
             "wall_seconds_to_target": cross["wall_seconds"],
-            "images": int(sum(rec.get("train_images") or 0 for rec in h)),
+            "images_processed": int(sum(rec.get("train_images") or 0 for rec in h)),
             "compute_seconds": float(sum(rec.get("epoch_seconds") or 0.0 for rec in h)),
             "seconds_per_epoch": (float(np.mean([rec.get("epoch_seconds") or 0.0 for rec in h]))
                                   if h else None),

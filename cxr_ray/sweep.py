@@ -153,12 +153,17 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def run_trial(spec: TrialSpec, experiment: Path) -> dict[str, Any]:
     """Train one trial (and its LR range test); returns its final metrics.
 
-    Idempotent: a finished run is not retrained (``train.fit`` resumes or returns), so a
+    Idempotent: a finished trial (its ``trial.json``) returns the metrics stored there, without
+    touching its run; an unfinished one resumes from its last checkpoint (``train.fit``). So a
     trial Tune restarts after a driver crash costs only its start-up.
     """
     from cxr_ray import train
 
     run_dir = experiment / spec.stage / spec.run_name
+    done = run_dir / report.TRIAL_FILE
+    if done.is_file():  # finished before a driver restart: Tune may not have recorded it
+        log.info("%s/%s finished before; not re-run", spec.stage, spec.run_name)
+        return json.loads(done.read_text())["metrics"]
     cfg = dict(spec.train)
     if spec.stage == "stage2":
         source = experiment / "stage1" / str(spec.stage1_run)
@@ -180,13 +185,15 @@ def run_trial(spec: TrialSpec, experiment: Path) -> dict[str, Any]:
         trial["step_size_epochs"] = step / spe if step and spe else None
     if spec.lr_find is not None:
         _lr_find(spec, cfg, experiment, summary)
-    # Written last: its presence marks a finished trial (the report reads only those).
-    _write_json(run_dir / report.TRIAL_FILE, trial)
     last = summary.history[-1] if summary.history else {}
-    return {"cohort": spec.cohort, "policy": spec.policy or "", "stage": spec.stage,
-            "epochs": summary.epochs, "compute_seconds": summary.compute_seconds,
-            **{k: v for k, v in last.items() if k.startswith("test_") and v is not None},
-            "best_metric": summary.best_metric if summary.best_metric is not None else math.nan}
+    trial["metrics"] = {
+        "cohort": spec.cohort, "policy": spec.policy or "", "stage": spec.stage,
+        "epochs": summary.epochs, "compute_seconds": summary.compute_seconds,
+        **{k: v for k, v in last.items() if k.startswith("test_") and v is not None},
+        "best_metric": summary.best_metric if summary.best_metric is not None else math.nan}
+    # Written last: its presence marks a finished trial (the report reads only those).
+    _write_json(done, trial)
+    return trial["metrics"]
 
 
 def _lr_find(spec: TrialSpec, cfg: dict[str, Any], experiment: Path, summary) -> None:

@@ -1,0 +1,224 @@
+"""cxr-ray sweep end to end: 2 cohorts × 2 policies on tiny images in the session's Ray.
+
+One sweep is shared by the module. Its driver is a real ``cxr-ray sweep`` process, killed
+(SIGKILL, like a lost head-node shell) as soon as the first stage-2 trial has finished; the
+same command then resumes it in this process. The tests check the finished experiment: every
+trial ran exactly once, stage 2 started from the stage-1 weights, the report has every trial
+and table, TensorBoard lists every trial.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxr_ray import cli, config, pipeline, report, sweep, synth, train
+
+pytestmark = pytest.mark.slow
+
+COHORTS = ("Cardiomegaly", "Effusion")
+POLICIES = ("constant", "triangular")
+RECIPE = """
+[experiment]
+name = "tiny"
+storage_path = "{storage}"
+shards = "{shards}"
+cohorts = ["Cardiomegaly", "Effusion"]
+target = "constant"
+
+[train]
+model = "mobilenet_v1"
+width = 0.25
+pretrained = false
+image_size = 32
+batch_size = 16
+workers = 1
+cpus_per_worker = 0.5
+threads = 1
+checkpoint_metric = "test_accuracy"
+keep_checkpoints = 1
+
+[stage1]
+preset = "paper"
+epochs = 2
+
+[lr_find]
+num_steps = 12
+min_lr = 1e-5
+max_lr = 1.0
+
+[stage2]
+epochs = 2
+step_size_epochs = 1
+
+[grid]
+policy = ["constant", "triangular"]
+
+[resources]
+max_concurrent_trials = "auto"
+"""
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``predicate`` until true; fail (with the process's output) after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"the sweep exited ({proc.returncode}) before {what}:\n{out[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory, ray_local) -> Path:
+    root = tmp_path_factory.mktemp("sweep")
+    synth.write_dataset(root / "data", per_class=40, size=64, seed=0, workers=2)
+    pipeline.prepare(pipeline.PrepareConfig(data=root / "data", out=root / "shards", size=32))
+    path = root / "tiny.toml"
+    path.write_text(RECIPE.format(storage=root / "experiments", shards=root / "shards"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_recipe, ray_local) -> dict:
+    """The sweep, killed after its first stage-2 trial and resumed; what each step saw."""
+    recipe = config.load_recipe(tiny_recipe)
+    exp = recipe.experiment_dir
+    env = {**os.environ, "RAY_ADDRESS": ray_local, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cxr_ray.cli", "sweep", "--config", str(tiny_recipe)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        _wait_for(lambda: any((exp / "stage2").glob(f"*/{report.TRIAL_FILE}")), 900,
+                  "the first finished stage-2 trial", proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and anything it started
+        proc.wait()
+    finished = {p.parent for p in exp.glob(f"*/*/{report.TRIAL_FILE}")}
+    before = {run: (run / train.SUMMARY_FILE).stat().st_mtime_ns for run in finished}
+    report_path = sweep.run_sweep(config.load_recipe(tiny_recipe), resume=True,
+                                  address=ray_local)
+    return {"dir": exp, "finished_before_kill": before, "report": report_path,
+            "recipe": recipe}
+
+
+def _rows(exp: Path) -> list[dict]:
+    with open(exp / "report" / "results.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_every_trial_ran_exactly_once_across_the_kill(experiment):
+    exp = experiment["dir"]
+    stage1, stage2, _ = sweep.plan_trials(experiment["recipe"])
+    assert len(stage1) == 2 and len(stage2) == 4
+    runs = [exp / s.stage / s.run_name for s in stage1 + stage2]
+    for run in runs:
+        assert (run / report.TRIAL_FILE).is_file(), run
+        history = [json.loads(x) for x in (run / train.HISTORY_FILE).read_text().splitlines()]
+        assert [r["epoch"] for r in history] == [1, 2], run
+    before = experiment["finished_before_kill"]
+    assert any(run.parent.name == "stage2" for run in before)  # killed in stage 2
+    for run, mtime in before.items():  # a finished trial is not trained again on resume
+        assert (run / train.SUMMARY_FILE).stat().st_mtime_ns == mtime, run
+        assert len((run / train.ATTEMPTS_FILE).read_text().splitlines()) == 1, run
+    for cohort in COHORTS:  # one LR range test per cohort, from its stage-1 model
+        data = json.loads((exp / "lr_find" / cohort / "lr_find.json").read_text())
+        assert data["cohort"] == cohort and 0 < data["base_lr"] < data["max_lr"]
+        assert Path(data["init_from"]).parent.parent == exp / "stage1" / cohort
+
+
+def test_stage2_starts_from_the_stage1_weights_with_the_found_bounds(experiment):
+    exp = experiment["dir"]
+    for cohort in COHORTS:
+        s1 = train.load_checkpoint(train.find_checkpoint(exp / "stage1" / cohort))["model_state"]
+        bounds = json.loads((exp / "lr_find" / cohort / "lr_find.json").read_text())
+        for policy in POLICIES:
+            run = exp / "stage2" / f"{cohort}__{policy}"
+            plan = train.RunPlan.from_dict(json.loads((run / train.CONFIG_FILE).read_text()))
+            assert Path(plan.init_from).parent.parent == exp / "stage1" / cohort
+            start = train.initial_model(plan).state_dict()  # what every worker starts from
+            assert all(torch.equal(start[k], s1[k]) for k in s1)
+            if policy == "triangular":
+                assert plan.policy["base_lr"] == pytest.approx(bounds["base_lr"])
+                assert plan.policy["max_lr"] == pytest.approx(bounds["max_lr"])
+            # and it trained from there: the final weights moved, but stay nearer stage 1
+            # than a fresh initialisation of the same model is
+            end = train.load_checkpoint(train.find_checkpoint(run))["model_state"]
+            fresh = train.initial_model(train.RunPlan.from_dict(
+                {**plan.to_dict(), "init_from": None})).state_dict()
+            w = [k for k, _ in train.initial_model(plan).named_parameters()]  # no BN stats
+            dist = lambda a, b: sum(float((a[k] - b[k]).pow(2).sum()) for k in w)  # noqa: E731
+            assert 0 < dist(end, s1) < dist(fresh, s1)
+
+
+def test_report_has_every_trial_table_and_plot(experiment):
+    exp = experiment["dir"]
+    rows = _rows(exp)
+    assert {(r["stage"], r["cohort"], r["policy"]) for r in rows} == {
+        ("stage1", c, "time_decay") for c in COHORTS} | {
+        ("stage2", c, p) for c in COHORTS for p in POLICIES}
+    for r in rows:
+        assert 0 <= float(r["final_accuracy"]) <= 1 and float(r["compute_seconds"]) > 0
+        assert int(r["epochs"]) == 2 and int(r["images_processed"]) > 0
+    text = experiment["report"].read_text()
+    for heading in ("Table 5", "Table 7", "Table 8", "Best policy"):
+        assert heading in text, heading
+    for cohort in COHORTS:
+        assert f"curves_{cohort}.png" in text and f"lr_find_{cohort}.png" in text
+    for link in [ln.split("](")[1].split(")")[0] for ln in text.splitlines() if "](" in ln]:
+        if link.endswith(".png"):
+            assert (experiment["report"].parent / link).stat().st_size > 1000, link
+
+
+def test_tensorboard_lists_every_trial_by_stage_cohort_policy(experiment):
+    from tensorboard.backend.event_processing import plugin_event_multiplexer as pem
+
+    exp = experiment["dir"]
+    mux = pem.EventMultiplexer().AddRunsFromDirectory(str(exp))
+    mux.Reload()
+    runs = set(mux.Runs())
+    for cohort in COHORTS:
+        assert f"stage1/{cohort}/tensorboard/epochs" in runs
+        assert f"lr_find/{cohort}/tensorboard" in runs
+        for policy in POLICIES:
+            assert f"stage2/{cohort}__{policy}/tensorboard/steps" in runs
+            assert "test/accuracy" in str(mux.Runs()[f"stage2/{cohort}__{policy}/tensorboard/epochs"])
+
+
+def test_report_command_rebuilds_the_report(experiment, capsys):
+    exp = experiment["dir"]
+    (exp / "report" / "report.md").unlink()
+    assert cli.main(["report", "--experiment", str(exp)]) == 0
+    assert (exp / "report" / "report.md").is_file()
+    assert "report.md" in capsys.readouterr().out
+
+
+def test_sweep_errors_are_one_line(tiny_recipe, tmp_path, capsys):
+    # a changed recipe for an existing experiment is refused, naming what changed
+    changed = tmp_path / "changed.toml"
+    changed.write_text(tiny_recipe.read_text().replace("epochs = 2\nstep_size", "epochs = 3\nstep_size"))
+    assert cli.main(["sweep", "--config", str(changed)]) == 2
+    err = capsys.readouterr().err
+    assert "different recipe" in err and "stage2" in err and len(err.strip().splitlines()) == 1
+    # --resume of an experiment that never started
+    fresh = tmp_path / "fresh.toml"
+    fresh.write_text(tiny_recipe.read_text().replace('name = "tiny"', 'name = "never"'))
+    assert cli.main(["sweep", "--config", str(fresh), "--resume"]) == 2
+    assert "holds no sweep to resume" in capsys.readouterr().err
+    # an unknown cohort
+    bad = tmp_path / "bad.toml"
+    bad.write_text(tiny_recipe.read_text().replace('"Effusion"]', '"Efusion"]'))
+    assert cli.main(["sweep", "--config", str(bad)]) == 2
+    assert "Efusion" in capsys.readouterr().err
