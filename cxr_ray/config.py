@@ -97,9 +97,6 @@ class ResourcesSection:
     more GPUs means more trials at once."""
     trial_cpus: float = 0.01
     """CPU the Tune trial itself holds (it only waits on its TorchTrainer)."""
-    trainer_resources: dict[str, float] = field(default_factory=dict)
-    """Extra custom resources each training worker asks for (e.g. ``{gpu_node = 0.01}`` to
-    land on autoscaled GPU nodes)."""
 
 
 @dataclass
@@ -170,7 +167,10 @@ def _check_type(value: Any, default: Any, where: str) -> None:
     default, e.g. ``target`` or ``max_concurrent_trials``) are checked where they are used."""
     if default is None or isinstance(default, str):
         return
-    if isinstance(default, bool):
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: must be a table ({{name = value, ...}}), got {value!r}")
+    elif isinstance(default, bool):
         if not isinstance(value, bool):
             raise UserError(f"{where}: must be true or false, got {value!r}")
     elif isinstance(default, (int, float)) and not isinstance(default, bool):
@@ -188,7 +188,9 @@ def _train_table(data: dict[str, Any], where: str, extra: tuple[str, ...] = ()) 
                             f"{', '.join(sorted(keys))}")
         if key in ("shards", "cohort", "init_from", "lr_bounds"):
             raise UserError(f"{where}: {key!r} is set by the sweep; remove it from the recipe")
-        default = keys[key].default
+        f = keys[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else \
+            f.default
         if value is not None and default is not None and not isinstance(default, str):
             _check_type(value, default, f"{where} {key}")
     return data

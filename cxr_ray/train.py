@@ -183,6 +183,9 @@ class TrainConfig:
     """Rank 0 writes buffered per-step losses every this many steps (one device sync each)."""
     address: str | None = None
     """Ray cluster; default ``RAY_ADDRESS``, else a local Ray for the run."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Extra (custom) resources every worker asks for, on top of its CPUs/GPU, e.g.
+    ``{"gpu_node": 0.01}`` to put workers on the autoscaled GPU nodes of ``cluster.yaml``."""
     throttle_s: float = 0.0
     """Testing aid: sleep this long after every optimizer step (lets a test kill a worker
     mid-epoch)."""
@@ -219,6 +222,10 @@ class TrainConfig:
                 raise bad(key, f"must be a number > 0, got {value!r}")
         if self.decay is not None and not self.decay >= 0:
             raise bad("decay", f"must be >= 0, got {self.decay!r}")
+        for name, amount in self.worker_resources.items():
+            if name in ("CPU", "GPU") or not (isinstance(amount, (int, float)) and amount > 0):
+                raise bad("worker_resources", f"{name} = {amount!r}: custom resource names "
+                          "with amounts > 0 (CPU/GPU come from cpus_per_worker/gpu)")
         if self.max_failures < -1:
             raise bad("max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
         if self.checkpoint_metric not in SCORE_METRICS:
@@ -1111,8 +1118,8 @@ def _run_trainer(config: TrainConfig, plan: RunPlan, run_dir: Path, *,
             torch_config=TorchConfig(backend="nccl" if plan.gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=plan.workers, use_gpu=plan.gpu,
-                resources_per_worker={"CPU": cpus,
-                                      **({"GPU": 1} if plan.gpu else {})}),
+                resources_per_worker={"CPU": cpus, **({"GPU": 1} if plan.gpu else {}),
+                                      **config.worker_resources}),
             run_config=ray.train.RunConfig(
                 name=run_dir.name, storage_path=str(run_dir.parent),
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
