@@ -18,21 +18,18 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 CXR    := $(VENV)/bin/cxr-ray
-COHORT ?= Effusion
-TRAIN  := --shards $(DEMO)/shards --cohort $(COHORT) --width 0.25 --batch-size 16
+EXP    := $(DEMO)/experiments/demo
 
-# The main job so far: embedded data -> shards -> stage 1 -> LR range test -> stage 2 (CLR).
-# Re-running is cheap: prepare skips a complete shard set, finished runs are not retrained.
+# The main job: embedded data -> Parquet shards -> the whole study (15 cohorts x 7 lr
+# policies: stage 1, LR range tests, stage 2) with Ray Tune -> report. Re-running resumes:
+# synth and prepare skip complete outputs, the sweep skips finished trials.
 demo: $(STAMP)
-	$(CXR) synth --out $(DEMO)/data --per-class 30 --size 256
-	$(CXR) cohorts --metadata $(DEMO)/data/Data_Entry_2017.csv --cohort $(COHORT)
-	$(CXR) prepare --data $(DEMO)/data --out $(DEMO)/shards --size 64
-	$(CXR) train $(TRAIN) --out $(DEMO)/runs/$(COHORT)-stage1 --epochs 3
-	$(CXR) lr-find $(TRAIN) --init-from $(DEMO)/runs/$(COHORT)-stage1 --out $(DEMO)/runs/$(COHORT)-lr-find
-	$(CXR) train $(TRAIN) --out $(DEMO)/runs/$(COHORT)-triangular --epochs 4 \
-	    --init-from $(DEMO)/runs/$(COHORT)-stage1 --policy triangular --step-size-epochs 1 \
-	    --lr-bounds $(DEMO)/runs/$(COHORT)-lr-find/lr_find.json
-	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO)/runs"
+	$(CXR) synth --out $(DEMO)/data --per-class 150 --size 256
+	$(CXR) prepare --data $(DEMO)/data --out $(DEMO)/shards --size 32
+	$(CXR) sweep --config jobs/demo.toml
+	@sed -n '/^## Policy ranking/,/^## Epochs/p' $(EXP)/report/report.md | sed '$$d'
+	@echo "report:      $(EXP)/report/report.md (plots beside it, every trial in results.csv)"
+	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(EXP)"
 
 test: $(STAMP)
 	$(PY) -m pytest

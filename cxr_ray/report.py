@@ -285,6 +285,35 @@ def _epochs_to_target(res: pd.DataFrame) -> str:
     return _md(["cohort", "target %", *policies], rows)
 
 
+def _cost(runs: list[Run], experiment: Path) -> str | None:
+    """Where the sweep's time went, per stage: the stage's wall time and concurrency (from the
+    sweep's log), and per trial its wall time, its train + eval seconds and the rest (Ray
+    start-up and tear-down of its TorchTrainer fits, the LR range test of stage 1)."""
+    timed = [r for r in runs if r.trial.get("trial_seconds") is not None]
+    if not timed:
+        return None
+    log_rows = _read_jsonl(experiment / "sweep_log.jsonl")
+    rows = []
+    for stage in ("stage1", "stage2", "comparison"):
+        mine = [r.trial for r in timed if r.trial.get("stage") == stage]
+        if not mine:
+            continue
+        runs_of_stage = [x for x in log_rows if x.get("stage") == stage]
+        wall = sum(x["wall_seconds"] for x in runs_of_stage) if runs_of_stage else None
+        at_once = runs_of_stage[-1]["concurrency"] if runs_of_stage else None
+        med = lambda key: float(np.median([t.get(key) or 0.0 for t in mine]))  # noqa: E731
+        over = float(np.median([t["trial_seconds"] - (t.get("epoch_seconds") or 0.0)
+                                for t in mine]))
+        rows.append([stage, len(mine), sum(int(t.get("fits") or 0) for t in mine),
+                     _num(wall, "{:.0f}"), _num(at_once), _num(med("trial_seconds"), "{:.1f}"),
+                     _num(med("epoch_seconds"), "{:.1f}"), f"{over:.1f}",
+                     _num(med("startup_seconds"), "{:.1f}"),
+                     _num(med("teardown_seconds"), "{:.1f}")])
+    return _md(["stage", "trials", "fits", "stage wall s", "trials at once",
+                "median trial s", "median train + eval s", "median overhead s",
+                "median fit start-up s", "median fit tear-down s"], rows)
+
+
 def _backbones(res: pd.DataFrame) -> str | None:
     s1 = res[res["stage"] == "comparison"]
     if s1.empty:
@@ -434,6 +463,13 @@ def write_report(experiment: str | Path, *, target: float | str = "constant",
     backbones = _backbones(res)
     if backbones:
         parts += ["## Backbone × optimizer (the study's Table 6)", "", backbones, ""]
+    cost = _cost(runs, experiment)
+    if cost:
+        parts += ["## Where the time went", "",
+                  "Per trial: wall time of the trial, the train + eval seconds of its epochs, "
+                  "and the rest (overhead: Ray Train start-up and tear-down of each "
+                  "TorchTrainer fit; for stage 1 also the LR range test). Trials resumed "
+                  "after a restart count only the resumed part.", "", cost, ""]
     if any(plots.values()):
         parts += ["## Plots", ""]
         parts += [f"![lr per step for each policy]({p})" for p in plots["lr"]]

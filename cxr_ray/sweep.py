@@ -26,6 +26,7 @@ trainers train at a time.  The experiment directory ``storage_path/name`` holds 
     EXP/stage2/<run>/               one per cohort × policy (× axes)
     EXP/comparison/<run>/           ``[comparison]`` trials (e.g. backbone × optimizer)
     EXP/tune/stage1, EXP/tune/stage2   Tune's experiment state (resume) and TBX logs
+    EXP/sweep_log.jsonl             per stage run: trials, concurrency, wall seconds
     EXP/report/                     results.csv, report.md, plots
 
 Run names carry the stage, cohort, policy and axis values (``stage2/Fibrosis__triangular``),
@@ -53,6 +54,8 @@ from cxr_ray.errors import UserError
 log = logging.getLogger(__name__)
 
 RECIPE_FILE = "recipe.json"
+#: One JSON line per stage run (resumes append): trials, concurrency, wall seconds.
+SWEEP_LOG = "sweep_log.jsonl"
 #: Training keys that change the architecture: a stage-2 axis on one must be a stage-1 axis
 #: too, so every stage-2 trial has a stage-1 model of its kind to start from.
 ARCHITECTURE_KEYS = ("model", "width", "image_size", "dropout")
@@ -164,6 +167,7 @@ def run_trial(spec: TrialSpec, experiment: Path) -> dict[str, Any]:
     if done.is_file():  # finished before a driver restart: Tune may not have recorded it
         log.info("%s/%s finished before; not re-run", spec.stage, spec.run_name)
         return json.loads(done.read_text())["metrics"]
+    t0 = time.perf_counter()
     cfg = dict(spec.train)
     if spec.stage == "stage2":
         source = experiment / "stage1" / str(spec.stage1_run)
@@ -183,8 +187,16 @@ def run_trial(spec: TrialSpec, experiment: Path) -> dict[str, Any]:
         step = (plan.get("policy") or {}).get("step_size")
         spe = plan.get("steps_per_epoch")
         trial["step_size_epochs"] = step / spe if step and spe else None
+    fits = int(summary.startup_seconds is not None)
     if spec.lr_find is not None:
-        _lr_find(spec, cfg, experiment, summary)
+        fits += _lr_find(spec, cfg, experiment, summary)
+    # Where this trial's time went (the report's cost table): wall time of this call, its
+    # fits, and the train + eval seconds of the epochs it trained.
+    trained = summary.history[summary.resumed_from_epoch:]
+    trial.update(trial_seconds=time.perf_counter() - t0, fits=fits,
+                 epoch_seconds=sum(r.get("epoch_seconds") or 0.0 for r in trained),
+                 startup_seconds=summary.startup_seconds,
+                 teardown_seconds=summary.teardown_seconds)
     last = summary.history[-1] if summary.history else {}
     trial["metrics"] = {
         "cohort": spec.cohort, "policy": spec.policy or "", "stage": spec.stage,
@@ -196,12 +208,13 @@ def run_trial(spec: TrialSpec, experiment: Path) -> dict[str, Any]:
     return trial["metrics"]
 
 
-def _lr_find(spec: TrialSpec, cfg: dict[str, Any], experiment: Path, summary) -> None:
+def _lr_find(spec: TrialSpec, cfg: dict[str, Any], experiment: Path, summary) -> int:
+    """The LR range test of a finished stage-1 run (once); → fits run (0 or 1)."""
     from cxr_ray import train
 
     out = experiment / "lr_find" / spec.run_name
     if (out / "lr_find.json").is_file():
-        return
+        return 0
     lr = dict(spec.lr_find or {})
     lr.pop("enabled", None)
     config = train.TrainConfig.from_dict({**cfg, "init_from": summary.run_dir})
@@ -212,6 +225,7 @@ def _lr_find(spec: TrialSpec, cfg: dict[str, Any], experiment: Path, summary) ->
         _write_json(out / "lr_find.json", data)
     log.info("%s: LR range test suggests base %.3g, max %.3g", spec.run_name,
              result["base_lr"], result["max_lr"])
+    return 1
 
 
 def _tune_trial(config: dict[str, Any]) -> None:
@@ -243,12 +257,20 @@ def concurrency(recipe: Recipe) -> int:
     return max(1, int((resources.get("CPU", 1) - DATA_RESERVE) // per_trial))
 
 
+def _cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
 def _run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: Path) -> None:
+    """One Tune experiment: the stage's trials (resumed if Tune saved it before)."""
     from ray import tune  # Ray-specific from here on
     from ray.tune.logger import TBXLoggerCallback
 
     if not specs:
         return
+    t0, started = time.perf_counter(), time.time()
     trainable = tune.with_resources(_tune_trial, {"CPU": recipe.resources.trial_cpus})
     tune_dir = experiment / "tune"
     path = tune_dir / stage
@@ -272,6 +294,10 @@ def _run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: P
                 failure_config=tune.FailureConfig(max_failures=1), verbose=1),
         )
     results = tuner.fit()
+    with open(experiment / SWEEP_LOG, "a") as fh:  # the report's cost table reads it
+        fh.write(json.dumps({"stage": stage, "trials": len(specs), "concurrency": n,
+                             "started": started, "wall_seconds": time.perf_counter() - t0,
+                             "cpus": _cluster_cpus()}) + "\n")
     failed = [r for r in results if r.error is not None]
     if failed:
         first = failed[0]
@@ -308,10 +334,9 @@ def run_sweep(recipe: Recipe, *, resume: bool = False, address: str | None = Non
     experiment.mkdir(parents=True, exist_ok=True)
     _check_recipe(experiment, recipe)
     start = time.perf_counter()
-    from cxr_ray.train import FAST_CONTROL_ENV
+    from cxr_ray.train import set_control_env
 
-    for key, value in FAST_CONTROL_ENV.items():  # read by Ray Train controllers the trials start
-        os.environ.setdefault(key, value)
+    set_control_env(address)  # read by the Ray Train controllers the trials start
     with ray_session(address):
         _run_stage(recipe, "stage1", stage1, experiment)
         _run_stage(recipe, "stage2", stage2, experiment)

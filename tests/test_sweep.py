@@ -173,7 +173,7 @@ def test_report_has_every_trial_table_and_plot(experiment):
         assert 0 <= float(r["final_accuracy"]) <= 1 and float(r["compute_seconds"]) > 0
         assert int(r["epochs"]) == 2 and int(r["images_processed"]) > 0
     text = experiment["report"].read_text()
-    for heading in ("Table 5", "Table 7", "Table 8", "Best policy"):
+    for heading in ("Table 5", "Table 7", "Table 8", "Best policy", "Where the time went"):
         assert heading in text, heading
     for cohort in COHORTS:
         assert f"curves_{cohort}.png" in text and f"lr_find_{cohort}.png" in text
