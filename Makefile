@@ -25,7 +25,7 @@ EXP    := $(DEMO)/experiments/demo
 # synth and prepare skip complete outputs, the sweep skips finished trials.
 demo: $(STAMP)
 	$(CXR) synth --out $(DEMO)/data --per-class 150 --size 256
-	$(CXR) prepare --data $(DEMO)/data --out $(DEMO)/shards --size 32
+	$(CXR) prepare --data $(DEMO)/data --out $(DEMO)/shards --size 48
 	$(CXR) sweep --config jobs/demo.toml
 	@sed -n '/^## Policy ranking/,/^## Epochs/p' $(EXP)/report/report.md | sed '$$d'
 	@echo "report:      $(EXP)/report/report.md (plots beside it, every trial in results.csv)"
