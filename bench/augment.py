@@ -27,7 +27,6 @@ import inspect
 import logging
 import os
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -41,7 +40,8 @@ from cxr_ray.augment import AugmentBatch, AugmentConfig, augment, params_for_ids
 
 BATCH = 32
 SIZES = (224, 64)
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from _results import RESULTS, write_section  # noqa: E402 (bench/ is on sys.path when run)
+
 HEADING = "## Augmentation"
 
 
@@ -254,19 +254,8 @@ def main() -> None:
                 "absolute rates are pessimistic and the 2-thread rows mostly measure contention; "
                 "the ratios to training (measured under the same load) are what matter.\n"
             )
-        write_section(section)
+        write_section(HEADING, section)
         print(f"\nwrote {HEADING!r} in {RESULTS}")
-
-
-def write_section(section: str) -> None:
-    """Replace (or append) our section of RESULTS.md, leaving everyone else's as it is."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

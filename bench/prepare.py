@@ -30,7 +30,6 @@ import argparse
 import logging
 import os
 import platform
-import re
 import shutil
 import statistics
 import tempfile
@@ -43,7 +42,8 @@ from PIL import Image
 
 from cxr_ray import nih, pipeline, synth
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from _results import RESULTS, write_section  # noqa: E402 (bench/ is on sys.path when run)
+
 HEADING = "## Prepare"
 
 
@@ -293,19 +293,8 @@ def main() -> None:
                "ratio (see the control row). Augmentation rates vs MobileNetV1 training: "
                "`## Augmentation` (bench/augment.py).\n")
     if not args.no_write:
-        write_section(section)
+        write_section(HEADING, section)
         print(f"wrote {HEADING!r} in {RESULTS}")
-
-
-def write_section(section: str) -> None:
-    """Replace (or append) our section of RESULTS.md, leaving everyone else's as it is."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import argparse
 import logging
 import os
 import platform
-import re
 import statistics
 import tempfile
 import time
@@ -44,7 +43,8 @@ import torch.nn.functional as F
 from cxr_ray import augment, models, optim, pipeline, presets, synth, train
 from cxr_ray.schedules import PolicyLR
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from _results import RESULTS, write_section  # noqa: E402 (bench/ is on sys.path when run)
+
 HEADING = "## Train"
 COHORT = "Atelectasis"
 STUDY_EPOCH_IMAGES = 18_847  # the study's Atelectasis train split (SPEC §2)
@@ -259,18 +259,8 @@ def main() -> None:
     section = "\n".join(lines)
     print(f"{HEADING}\n\n{section}")
     if not args.no_write:
-        write_section(section)
+        write_section(HEADING, section)
         print(f"\nwrote {HEADING!r} in {RESULTS}")
-
-
-def write_section(section: str) -> None:
-    """Replace (or append) our section of RESULTS.md, leaving everyone else's as it is."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = f"{HEADING}\n\n{section}\n\n"
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else (
-        text.rstrip("\n") + "\n\n" + block)
-    RESULTS.write_text(text.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":
