@@ -73,6 +73,9 @@ class Stage2Section:
     bounds: str = "lr_find"
     """Where CLR / one-cycle bounds come from: ``lr_find`` (the cohort's LR range test),
     ``recipe`` (``base_lr``/``max_lr`` in ``[stage2]``) or ``paper`` (Table 8 where given)."""
+    by_cohort: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Training keys for one cohort's stage-2 trials, e.g. Table 8's epochs:
+    ``[stage2.by_cohort] Atelectasis = { epochs = 32 }``."""
 
 
 @dataclass
@@ -243,8 +246,16 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
     train = _train_table(dict(data.get("train", {})), where("train"))
     stage1 = _train_table(dict(data.get("stage1", {})), where("stage1"))
     stage2_raw = dict(data.get("stage2", {}))
-    extra = _section(Stage2Section, {k: stage2_raw.pop(k) for k in ("bounds",) if k in stage2_raw},
-                     where("stage2"))
+    extra = _section(Stage2Section, {k: stage2_raw.pop(k) for k in ("bounds", "by_cohort")
+                                     if k in stage2_raw}, where("stage2"))
+    by_cohort = {}
+    for name, table in extra.by_cohort.items():
+        if not isinstance(table, dict):
+            raise UserError(f"{where('stage2')} by_cohort {name}: must be a table of training "
+                            f"keys, e.g. {{ epochs = 32 }}; got {table!r}")
+        by_cohort[cohorts.resolve_cohort(str(name))] = _train_table(
+            dict(table), f"{where('stage2')} by_cohort {name}")
+    extra.by_cohort = by_cohort
     if extra.bounds not in ("lr_find", "recipe", "paper"):
         raise UserError(f"{where('stage2')} bounds: 'lr_find', 'recipe' or 'paper', got "
                         f"{extra.bounds!r}")

@@ -128,8 +128,9 @@ def plan_trials(recipe: Recipe) -> tuple[list[TrialSpec], list[TrialSpec], list[
             for policy in recipe.grid["policy"]:
                 bounded = policy in BOUNDED_POLICIES
                 lr_source = recipe.stage2_extra.bounds if bounded else "preset"
-                train = {**shared, **recipe.stage2, **policy_axes, "cohort": cohort,
-                         "policy": policy}
+                train = {**shared, **recipe.stage2,
+                         **recipe.stage2_extra.by_cohort.get(cohort, {}), **policy_axes,
+                         "cohort": cohort, "policy": policy}
                 if bounded and lr_source == "paper":
                     train.setdefault("preset", "paper")
                 stage2.append(TrialSpec(

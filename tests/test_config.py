@@ -87,3 +87,18 @@ def test_bad_toml_and_missing_file(tmp_path):
     bad.write_text("[experiment\nname = 1")
     with pytest.raises(UserError, match="bad.toml: not valid TOML"):
         config.load_recipe(bad)
+
+
+def test_stage2_by_cohort_overrides_follow_table8():
+    recipe = config.load_recipe(JOBS / "paper.toml")
+    _, stage2, _ = sweep.plan_trials(recipe)
+    epochs = {(s.cohort, s.train["epochs"]) for s in stage2}
+    assert ("Atelectasis", 32) in epochs and ("Pneumothorax", 36) in epochs
+    assert ("Infiltration", 10) in epochs and ("OneClass", 32) in epochs
+    assert {e for c, e in epochs if c == "Fibrosis"} == {32}
+    with pytest.raises(UserError, match=r"by_cohort Atelectasis: unknown key 'epoch'"):
+        config.load_recipe(JOBS / "paper.toml",
+                           {"stage2.by_cohort": {"Atelectasis": {"epoch": 3}}})
+    with pytest.raises(UserError, match="Atelectassis"):
+        config.load_recipe(JOBS / "paper.toml",
+                           {"stage2.by_cohort": {"Atelectassis": {"epochs": 3}}})
