@@ -275,6 +275,33 @@ def _cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0))
 
 
+def _progress(stage: str, total: int) -> Any:
+    """A Tune callback logging one line per finished or failed trial (the driver's progress:
+    a local Ray keeps the trials' own logs in its session directory)."""
+    from ray.tune import Callback  # Ray-specific
+
+    class _Progress(Callback):
+        def __init__(self) -> None:
+            self.done, self.t0 = 0, time.perf_counter()
+
+        def _line(self, trial: Any, what: str) -> None:
+            self.done += 1
+            r = trial.last_result or {}
+            acc = r.get("test_accuracy")
+            log.info("%s %d/%d %s %s%s (%.0f s)", stage, self.done, total, what,
+                     trial.config["spec"]["run_name"],
+                     f": test accuracy {acc:.3f}" if isinstance(acc, float) else "",
+                     time.perf_counter() - self.t0)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._line(trial, "finished")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._line(trial, "FAILED")
+
+    return _Progress()
+
+
 def _run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: Path) -> None:
     """One Tune experiment: the stage's trials (resumed if Tune saved it before)."""
     from ray import tune  # Ray-specific from here on
@@ -305,8 +332,9 @@ def _run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: P
                 trial_name_creator=lambda t: t.config["spec"]["run_name"],
                 trial_dirname_creator=lambda t: t.config["spec"]["run_name"]),
             run_config=tune.RunConfig(
-                name=stage, storage_path=str(tune_dir), callbacks=[TBXLoggerCallback()],
-                failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+                name=stage, storage_path=str(tune_dir),
+                callbacks=[TBXLoggerCallback(), _progress(stage, len(specs))],
+                failure_config=tune.FailureConfig(max_failures=1), verbose=0),
         )
     results = tuner.fit()
     with open(experiment / SWEEP_LOG, "a") as fh:  # the report's cost table reads it
@@ -339,7 +367,8 @@ def _check_recipe(experiment: Path, recipe: Recipe) -> None:
 
 def run_sweep(recipe: Recipe, *, resume: bool = False, address: str | None = None) -> Path:
     """Run (or resume) the whole sweep and write the report; returns report.md's path."""
-    from cxr_ray.pipeline import open_shards, ray_session
+    from cxr_ray.pipeline import open_shards
+    from cxr_ray.train import ray_session  # a local Ray keeps the workers' logs to itself
 
     experiment = recipe.experiment_dir
     if resume and not (experiment / RECIPE_FILE).is_file():

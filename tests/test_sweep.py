@@ -106,12 +106,13 @@ def experiment(tiny_recipe, ray_local) -> dict:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and anything it started
         proc.wait()
+    driver_log = proc.stdout.read()
     finished = {p.parent for p in exp.glob(f"*/*/{report.TRIAL_FILE}")}
     before = {run: (run / train.SUMMARY_FILE).stat().st_mtime_ns for run in finished}
     report_path = sweep.run_sweep(config.load_recipe(tiny_recipe), resume=True,
                                   address=ray_local)
     return {"dir": exp, "finished_before_kill": before, "report": report_path,
-            "recipe": recipe}
+            "recipe": recipe, "driver_log": driver_log}
 
 
 def _rows(exp: Path) -> list[dict]:
@@ -128,6 +129,8 @@ def test_every_trial_ran_exactly_once_across_the_kill(experiment):
         assert (run / report.TRIAL_FILE).is_file(), run
         history = [json.loads(x) for x in (run / train.HISTORY_FILE).read_text().splitlines()]
         assert [r["epoch"] for r in history] == [1, 2], run
+    # the driver logs one line per finished trial
+    assert "stage1 2/2 finished" in experiment["driver_log"], experiment["driver_log"][-2000:]
     before = experiment["finished_before_kill"]
     assert any(run.parent.name == "stage2" for run in before)  # killed in stage 2
     for run, mtime in before.items():  # a finished trial is not trained again on resume
