@@ -452,6 +452,31 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- status
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status",
+        help="where a sweep stands: each trial finished / running (epoch) / pending / failed",
+        description="Read a sweep's experiment directory (no Ray needed; works while the sweep "
+        "runs and after) and print, per stage, every planned trial's state: finished, running "
+        "with its last finished epoch and test accuracy, pending or failed (with Tune's error), "
+        "then the best policy per cohort by test accuracy so far. Example: cxr-ray status "
+        "--experiment demo-run/experiments/demo",
+    )
+    p.add_argument("--experiment", type=Path, required=True,
+                   help="the sweep's experiment dir (storage_path/name of its recipe)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(func=_cmd_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from cxr_ray import status
+
+    result = status.experiment_status(args.experiment)
+    print(json.dumps(result, indent=2) if args.json else status.format_status(result))
+    return 0
+
+
 # --------------------------------------------------------------------------- helpers
 def _metadata_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata", type=Path, default=None,
@@ -468,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_cohorts, _add_synth, _add_schedule, _add_prepare, _add_train,
-                _add_lr_find, _add_sweep, _add_report):
+                _add_lr_find, _add_sweep, _add_report, _add_status):
         add(sub)
     return parser
 
