@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr_ray import cli, cohorts, config, presets, sweep
+from cxr_ray import capacity, cli, cohorts, config, presets, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -126,10 +126,15 @@ def test_gpu_workers_scale_from_zero_and_back(prepared, recipe):
     assert prepared["provider"]["cache_stopped_nodes"] is False
     gpus = sum(n["max_workers"] * n["resources"]["GPU"] for n in gpu.values())
     assert sum(n["max_workers"] for n in gpu.values()) <= prepared["max_workers"]
-    # as many trials at once as the autoscaler can give GPUs; an explicit number, since
-    # "auto" counts the GPUs present at the start: none on a cluster that scales from zero
+    # as many trials at once as the autoscaler can give GPUs, which is also what
+    # max_concurrent_trials = "auto" computes from this config
     per_trial = int(recipe.train.get("workers", 1))
     assert recipe.resources.max_concurrent_trials == gpus // per_trial
+    groups, cap = capacity.groups_from_autoscaler_config(prepared, None)
+    request, workers = capacity.worker_request(recipe.train, recipe.resources.trial_cpus)
+    auto = capacity.trials_at_once(groups, request, workers, data_reserve=sweep.DATA_RESERVE,
+                                   max_worker_nodes=cap)
+    assert auto == recipe.resources.max_concurrent_trials
 
 
 def test_every_node_gets_the_local_environment_and_the_project(raw, prepared):
