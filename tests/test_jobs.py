@@ -156,29 +156,35 @@ def cluster():
     root = Path(tempfile.mkdtemp(prefix="cxrj", dir="/tmp"))  # short: Ray's socket paths
     home = root / "home"
     home.mkdir()
-    gcs_port, dash_port, client_port, agent_port = _free_ports(4)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
                RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1",
                # Ray otherwise swaps 127.0.0.1 for the machine's address: loopback only.
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    c = LocalCluster(root=root, home=home, env=env, gcs=f"127.0.0.1:{gcs_port}",
-                     dashboard=f"http://127.0.0.1:{dash_port}", token="")
+    c = LocalCluster(root=root, home=home, env=env, gcs="", dashboard="", token="")
     try:
         made = c.ray("get-auth-token", "--generate", timeout=120)
         assert made.returncode == 0, made.stderr
         c.token = (home / ".ray" / "auth_token").read_text().strip()
         assert made.stdout.strip() == c.token and len(c.token) >= 32
-        # The cluster's processes (job drivers, Ray Train's placement-group cleaner) resolve
-        # "their" cluster through RAY_ADDRESS; with several Ray instances on one machine,
-        # auto-detection finds more than one and fails.
-        started = c.ray(
-            "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-            f"--ray-client-server-port={client_port}",
-            f"--dashboard-agent-listen-port={agent_port}", "--include-dashboard=true",
-            "--num-cpus=2", "--num-gpus=0", f"--temp-dir={root / 'ray'}",
-            "--disable-usage-stats", env={**env, "RAY_ADDRESS": c.gcs}, timeout=240)
+        for _ in range(3):
+            gcs_port, dash_port, client_port, agent_port = _free_ports(4)
+            c.gcs, c.dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}"
+            # The cluster's processes (job drivers, Ray Train's placement-group cleaner)
+            # resolve "their" cluster through RAY_ADDRESS; with several Ray instances on one
+            # machine, auto-detection finds more than one and fails.
+            started = c.ray(
+                "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+                f"--ray-client-server-port={client_port}",
+                f"--dashboard-agent-listen-port={agent_port}", "--include-dashboard=true",
+                "--num-cpus=2", "--num-gpus=0", f"--temp-dir={root / 'ray'}",
+                "--disable-usage-stats", env={**env, "RAY_ADDRESS": c.gcs}, timeout=240)
+            if started.returncode == 0:
+                break
+            # Ray gives its raylet 30 s to register (hard-coded): a loaded machine can miss
+            # that, or a port taken since _free_ports; start afresh
+            c.kill_all()
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
         _poll(lambda: c.api("/api/version")[0] == 200, 120, "the dashboard")
         yield c
