@@ -231,6 +231,12 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
                         f"(got {experiment.name!r})")
     if not experiment.shards:
         raise UserError(f"{where('experiment')} shards: required (a cxr-ray prepare output)")
+    for key in ("storage_path", "shards"):
+        if "://" in str(getattr(experiment, key)):
+            raise UserError(f"{where('experiment')} {key}: {getattr(experiment, key)!r} is a "
+                            "URI; use a directory (local, or a shared mount such as "
+                            "/mnt/shared on a cluster): cxr-ray reads and writes it with "
+                            "plain file I/O")
     if experiment.cohorts != "all":
         if not isinstance(experiment.cohorts, list) or not experiment.cohorts:
             raise UserError(f"{where('experiment')} cohorts: \"all\" or a non-empty list")

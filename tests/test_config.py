@@ -102,3 +102,8 @@ def test_stage2_by_cohort_overrides_follow_table8():
     with pytest.raises(UserError, match="Atelectassis"):
         config.load_recipe(JOBS / "paper.toml",
                            {"stage2.by_cohort": {"Atelectassis": {"epochs": 3}}})
+
+
+def test_uri_storage_is_refused_with_the_fix():
+    with pytest.raises(UserError, match=r"storage_path: 's3://bucket/x' is a URI; use a directory"):
+        config.load_recipe(JOBS / "demo.toml", {"experiment.storage_path": "s3://bucket/x"})
