@@ -282,7 +282,7 @@ def _progress(stage: str, total: int) -> Any:
 
     class _Progress(Callback):
         def __init__(self) -> None:
-            self.done, self.t0 = 0, time.perf_counter()
+            self.done, self.t0 = 0, time.time()  # wall clock: a restored callback keeps it
 
         def _line(self, trial: Any, what: str) -> None:
             self.done += 1
@@ -291,7 +291,7 @@ def _progress(stage: str, total: int) -> Any:
             log.info("%s %d/%d %s %s%s (%.0f s)", stage, self.done, total, what,
                      trial.config["spec"]["run_name"],
                      f": test accuracy {acc:.3f}" if isinstance(acc, float) else "",
-                     time.perf_counter() - self.t0)
+                     time.time() - self.t0)
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             self._line(trial, "finished")
