@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr_ray.augment import AugmentBatch, AugmentConfig, augment, params_for_ids
+from cxr_ray.data.augment import AugmentBatch, AugmentConfig, augment, params_for_ids
 
 BATCH = 32
 SIZES = (224, 64)

@@ -40,7 +40,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxr_ray import nih, pipeline, synth
+from cxr_ray import pipeline
+from cxr_ray.data import nih, synth
 
 from _results import RESULTS, write_section  # noqa: E402 (bench/ is on sys.path when run)
 

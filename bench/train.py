@@ -40,8 +40,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxr_ray import augment, models, optim, pipeline, presets, synth, train
-from cxr_ray.schedules import PolicyLR
+from cxr_ray import models, pipeline, train
+from cxr_ray.data import augment, synth
+from cxr_ray.optim import optimizers as optim, presets
+from cxr_ray.optim.schedules import PolicyLR
 
 from _results import RESULTS, write_section  # noqa: E402 (bench/ is on sys.path when run)
 

@@ -45,7 +45,7 @@ def _add_cohorts(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_cohorts(args: argparse.Namespace) -> int:
-    from cxr_ray import cohorts, nih
+    from cxr_ray.data import cohorts, nih
 
     meta = nih.load_metadata(args.metadata)
     classes = nih.class_table(meta)
@@ -89,7 +89,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from cxr_ray import synth
+    from cxr_ray.data import synth
 
     result = synth.write_dataset(
         args.out, per_class=args.per_class, size=args.size, seed=args.seed,
@@ -139,7 +139,7 @@ def _add_schedule(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
-    from cxr_ray import schedules
+    from cxr_ray.optim import schedules
 
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
@@ -209,7 +209,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from cxr_ray import cohorts, pipeline
+    from cxr_ray import pipeline
+    from cxr_ray.data import cohorts
 
     recipe = cohorts.CohortConfig(
         negatives=args.negatives, seed=args.seed, test_fraction=args.test_fraction,
@@ -408,7 +409,7 @@ def _parse_overrides(items: list[str]) -> dict:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from cxr_ray import config, sweep
+    from cxr_ray.sweep import recipe as config, driver as sweep
 
     recipe = config.load_recipe(args.config, _parse_overrides(args.set))
     path = sweep.run_sweep(recipe, resume=args.resume, address=args.address)
@@ -432,7 +433,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from cxr_ray import report
+    from cxr_ray.sweep import report
 
     target = args.target
     if target is None:
@@ -470,7 +471,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from cxr_ray import status
+    from cxr_ray.sweep import status
 
     result = status.experiment_status(args.experiment)
     print(json.dumps(result, indent=2) if args.json else status.format_status(result))

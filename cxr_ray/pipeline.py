@@ -3,8 +3,8 @@ training stream over those shards.
 
 Owns the shard layout and its manifest, the quarantine list, atomic publishing, the Ray
 session of the ``prepare`` command, and the per-cohort Ray Dataset that training reads.
-Decoding itself (formats, grey conversion, resize) lives in :mod:`cxr_ray.decode`;
-cohorts in :mod:`cxr_ray.cohorts`; augmentation in :mod:`cxr_ray.augment`.
+Decoding itself (formats, grey conversion, resize) lives in :mod:`cxr_ray.data.decode`;
+cohorts in :mod:`cxr_ray.data.cohorts`; augmentation in :mod:`cxr_ray.data.augment`.
 
 Shard layout (``SHARDS`` = ``--out``)::
 
@@ -16,8 +16,8 @@ Shard layout (``SHARDS`` = ``--out``)::
     SHARDS/.staging-<pid>-<hex>/        a run in progress (cleaned by the next run)
 
 Image shard columns: ``image_index`` (string), ``image_id`` (int64, see
-:func:`cxr_ray.decode.image_id`), ``patient_id`` (int64), the 15 label columns named as in
-:data:`cxr_ray.nih.LABELS` (bool), ``pixels`` (``fixed_size_binary[size*size]``: the
+:func:`cxr_ray.data.decode.image_id`), ``patient_id`` (int64), the 15 label columns named as in
+:data:`cxr_ray.data.nih.LABELS` (bool), ``pixels`` (``fixed_size_binary[size*size]``: the
 row-major uint8 ``size × size`` image — a flat binary column rather than a tensor
 extension type, because it round-trips through any Parquet reader, ray#27116), ``reason``
 (always null here: the rows of the quarantine partition carry it), ``source_mode``,
@@ -78,14 +78,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxr_ray import cohorts, decode, nih
+from cxr_ray.data import cohorts, decode, nih
 from cxr_ray.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
     import torch
 
-    from cxr_ray.augment import AugmentConfig
+    from cxr_ray.data.augment import AugmentConfig
 
 log = logging.getLogger(__name__)
 
@@ -751,14 +751,14 @@ def model_batch(batch: dict[str, Any], split: str, *, epoch: int = 0, seed: int 
     """A stream batch (from ``iter_torch_batches``) → ``(x, y)`` for the model.
 
     ``x`` float32 (N, 1, H, W) in [0, 1]; ``y`` float32 (N,).  The train split is
-    augmented per image with :func:`cxr_ray.augment.augment_by_id` — parameters a pure
+    augmented per image with :func:`cxr_ray.data.augment.augment_by_id` — parameters a pure
     function of ``(seed, epoch, image_id)``, so every epoch differs and any run can be
     reproduced — on ``device`` (the uint8 batch moves first, 4× less traffic than
-    float).  The test split only goes through :func:`cxr_ray.augment.to_model_input`.
+    float).  The test split only goes through :func:`cxr_ray.data.augment.to_model_input`.
     """
     import torch
 
-    from cxr_ray import augment
+    from cxr_ray.data import augment
 
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: use 'train' or 'test'")

@@ -82,8 +82,9 @@ import torch
 import torch.nn.functional as F
 
 from cxr_ray import metrics as M
-from cxr_ray import models, optim, pipeline, presets, schedules
-from cxr_ray.cohorts import resolve_cohort
+from cxr_ray import models, pipeline
+from cxr_ray.optim import optimizers as optim, presets, schedules
+from cxr_ray.data.cohorts import resolve_cohort
 from cxr_ray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class TrainConfig:
     momentum: float | None = None
     """SGD/RMSprop momentum, Adam beta1. Paper: 0.9."""
     policy: str | None = None
-    """lr policy (:data:`cxr_ray.schedules.POLICIES`). Paper: ``time_decay`` (stage 1)."""
+    """lr policy (:data:`cxr_ray.optim.schedules.POLICIES`). Paper: ``time_decay`` (stage 1)."""
     base_lr: float | None = None
     """lr of step 0 / lower CLR bound. Paper: Table 4's lr0, or Table 8's base for CLR."""
     max_lr: float | None = None
@@ -677,7 +678,7 @@ def train_epoch(plan: RunPlan, model, optimizer, scheduler, shard, epoch: int,
                 state: LoopState, runlog: RunLog, device, amp: bool) -> dict[str, float]:
     """One pass over this worker's train shard; the lr policy steps after every batch.
     → global sums (all-reduced): bce, loss, correct, images, steps."""
-    from cxr_ray.augment import AugmentConfig
+    from cxr_ray.data.augment import AugmentConfig
 
     model.train()
     aug = AugmentConfig() if plan.augment else AugmentConfig.none()
@@ -896,8 +897,8 @@ def lr_find_loop_per_worker(config: dict[str, Any]) -> None:
     stop decision (the same on every rank) from :meth:`LrRangeTest.record`."""
     import ray.train  # Ray-specific: context and shard
 
-    from cxr_ray.augment import AugmentConfig
-    from cxr_ray.lr_finder import LrRangeConfig, LrRangeTest
+    from cxr_ray.data.augment import AugmentConfig
+    from cxr_ray.optim.lr_finder import LrRangeConfig, LrRangeTest
 
     plan = RunPlan.from_dict(config["plan"])
     test = LrRangeTest(LrRangeConfig(**config["range"]))
@@ -933,11 +934,11 @@ def lr_find(config: TrainConfig, *, out: str | Path, num_steps: int | None = Non
     suggestion and the chosen ``base_lr``/``max_lr``: ``train --lr-bounds`` reads it),
     ``out/lr_find.png`` and ``out/tensorboard/``. Returns the JSON's dict.
 
-    ``settings``: :class:`cxr_ray.lr_finder.LrRangeConfig` fields (``min_lr``, ``max_lr`` —
+    ``settings``: :class:`cxr_ray.optim.lr_finder.LrRangeConfig` fields (``min_lr``, ``max_lr`` —
     the ramp's ends —, ``rule``, ``smoothing``, ...). ``num_steps`` defaults to
     ``config.epochs`` epochs' worth of steps, at least 50 (the study: 1–5 epochs).
     """
-    from cxr_ray.lr_finder import LrRangeConfig, LrRangeTest
+    from cxr_ray.optim.lr_finder import LrRangeConfig, LrRangeTest
 
     out = Path(out).expanduser().resolve()
     fixed = dataclasses.replace(config, policy="constant", base_lr=1e-7, max_lr=None,
@@ -1177,7 +1178,7 @@ def read_split(shards: pipeline.Shards, cohort: str, split: str
     import pyarrow as pa
     import pyarrow.dataset as pads
 
-    from cxr_ray import decode
+    from cxr_ray.data import decode
 
     table = pipeline.cohort_table(shards, cohort, split)
     ids = table["image_id"].to_numpy(np.int64)

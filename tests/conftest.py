@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cxr_ray import nih, synth
+from cxr_ray.data import nih, synth
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Tests for cxr_ray.augment: ranges, per-image independence, determinism, geometry, Ray glue.
+"""Tests for cxr_ray.data.augment: ranges, per-image independence, determinism, geometry, Ray glue.
 
 Geometry is checked against hand-built expectations (integer shifts, a 90° rotation,
 a flip, brightness arithmetic) and, where scipy is installed, against Keras'
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_ray.augment import (
+from cxr_ray.data.augment import (
     AugmentBatch,
     AugmentConfig,
     AugmentParams,

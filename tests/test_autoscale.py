@@ -30,7 +30,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr_ray import cli, report, synth
+from cxr_ray import cli
+from cxr_ray.sweep import report
+from cxr_ray.data import synth
 
 pytestmark = pytest.mark.slow
 

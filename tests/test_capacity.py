@@ -1,4 +1,4 @@
-"""max_concurrent_trials = "auto": the capacity rule, without Ray (cxr_ray.capacity)."""
+"""max_concurrent_trials = "auto": the capacity rule, without Ray (cxr_ray.sweep.capacity)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr_ray import capacity, config, sweep
-from cxr_ray.capacity import NodeGroup
+from cxr_ray.sweep import capacity, recipe as config, driver as sweep
+from cxr_ray.sweep.capacity import NodeGroup
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_TRAIN = {"workers": 1, "gpu": True, "worker_resources": {"gpu_node": 0.01}}

@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr_ray import capacity, cli, cohorts, config, presets, sweep
+from cxr_ray import cli
+from cxr_ray.sweep import capacity, recipe as config, driver as sweep
+from cxr_ray.data import cohorts
+from cxr_ray.optim import presets
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr_ray import cohorts, nih
-from cxr_ray.cohorts import COHORTS, CohortConfig, PAPER_NEGATIVES
+from cxr_ray.data import cohorts, nih
+from cxr_ray.data.cohorts import COHORTS, CohortConfig, PAPER_NEGATIVES
 from cxr_ray.errors import UserError
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr_ray import config, sweep
+from cxr_ray.sweep import recipe as config, driver as sweep
 from cxr_ray.errors import UserError
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"

@@ -33,7 +33,9 @@ from pathlib import Path
 
 import pytest
 
-from cxr_ray import report, synth, train
+from cxr_ray import train
+from cxr_ray.sweep import report
+from cxr_ray.data import synth
 
 from test_sweep import COHORTS, POLICIES, RECIPE  # the tiny recipe of the local sweep test
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxr_ray.errors import UserError
-from cxr_ray.lr_finder import (
+from cxr_ray.optim.lr_finder import (
     LrRangeConfig,
     LrRangeResult,
     LrRangeTest,

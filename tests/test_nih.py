@@ -6,7 +6,7 @@ import gzip
 
 import pytest
 
-from cxr_ray import nih
+from cxr_ray.data import nih
 from cxr_ray.errors import UserError
 
 # SPEC §1, Table 1: images per class, exact label only / label anywhere.

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cxr_ray import presets
+from cxr_ray.optim import presets
 from cxr_ray.errors import UserError
-from cxr_ray.optim import build_optimizer, stage1_setup
-from cxr_ray.presets import (
+from cxr_ray.optim.optimizers import build_optimizer, stage1_setup
+from cxr_ray.optim.presets import (
     COHORTS,
     DISEASES,
     TABLE8_CLR,
@@ -17,7 +17,7 @@ from cxr_ray.presets import (
     clr_recipe,
     stage1_recipe,
 )
-from cxr_ray.schedules import lr_at
+from cxr_ray.optim.schedules import lr_at
 
 
 def _params():

@@ -1,4 +1,4 @@
-"""cxr_ray.decode + cxr_ray.pipeline: prepare (decode once → shards) and the training stream.
+"""cxr_ray.data.decode + cxr_ray.pipeline: prepare (decode once → shards) and the training stream.
 
 Fast tests (no Ray) cover decoding, conversion and the batch transforms; ``slow`` ones
 share the session's local Ray (``ray_local``) and a few dozen 64² synthetic images.
@@ -23,7 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr_ray import augment, cohorts, decode, nih, pipeline
+from cxr_ray import pipeline
+from cxr_ray.data import augment, cohorts, decode, nih
 from cxr_ray.errors import UserError
 
 SIZE = 32  # prepared resolution in these tests (the synthetic images are 64²)
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- helpers
 def pil_expected(path: Path, size: int = SIZE) -> np.ndarray:
-    """A direct PIL decode + antialiased resize, written independently of cxr_ray.decode."""
+    """A direct PIL decode + antialiased resize, written independently of cxr_ray.data.decode."""
     with Image.open(path) as im:
         im.load()
         if im.mode.startswith("I;16"):

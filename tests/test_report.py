@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from cxr_ray import report
+from cxr_ray.sweep import report
 
 
 def _history(accs, seconds=10.0):

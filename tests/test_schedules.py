@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cxr_ray.errors import UserError
-from cxr_ray.schedules import (
+from cxr_ray.optim.schedules import (
     CLR_POLICIES,
     POLICIES,
     PolicyConfig,

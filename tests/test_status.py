@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cxr_ray import cli, config, status, sweep
+from cxr_ray import cli
+from cxr_ray.sweep import recipe as config, status, driver as sweep
 
 RECIPE = {
     "experiment": {"name": "synthetic", "shards": "/nonexistent/shards",

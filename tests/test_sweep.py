@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr_ray import cli, config, pipeline, report, sweep, synth, train
+from cxr_ray import cli, pipeline, train
+from cxr_ray.sweep import recipe as config, report, driver as sweep
+from cxr_ray.data import synth
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_ray import cohorts, nih, synth
+from cxr_ray.data import cohorts, nih, synth
 
 
 def test_layout_and_rows_are_real(tiny_synth, real_meta):

@@ -20,7 +20,9 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from cxr_ray import augment, cli, decode, metrics, models, pipeline, schedules, synth, train
+from cxr_ray import cli, metrics, models, pipeline, train
+from cxr_ray.data import augment, decode, synth
+from cxr_ray.optim import schedules
 from cxr_ray.errors import UserError
 
 COHORT = "Cardiomegaly"  # the synthetic set's most visible finding

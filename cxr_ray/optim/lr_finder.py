@@ -8,7 +8,7 @@ Pieces, so a distributed loop can reuse the core (its Ray Train wiring lives els
 
 * :class:`LrRangeTest` — the ramp and the bookkeeping: ``lr_at(i)`` gives the lr of step ``i``;
   after the step, ``record(i, loss)`` stores the (globally averaged) loss and answers "stop?".
-  The loop owns the step counter, as for every lr policy (:mod:`cxr_ray.schedules`).
+  The loop owns the step counter, as for every lr policy (:mod:`cxr_ray.optim.schedules`).
 * :func:`suggest` — a pure function of the curve, with three rules:
 
   ``paper``     the study's: ``max_lr`` = the lr at the minimum of the smoothed loss.

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxr_ray import cohorts, lr_finder, schedules
+from cxr_ray.data import cohorts
+from cxr_ray.optim import lr_finder, schedules
 from cxr_ray.errors import UserError
 
 #: The stage-2 policies compared by default: the study's, plus one-cycle as a modern baseline.

@@ -13,7 +13,7 @@ The protocol, one Tune experiment per stage:
 2. **stage 2**: cohort × policy (× any ``[grid]`` axis), every trial starting from its cohort's
    stage-1 checkpoint (fresh optimizer and policy), CLR / one-cycle bounds from the LR range
    test, the recipe or the study's Table 8;
-3. the **report** (:mod:`cxr_ray.report`).
+3. the **report** (:mod:`cxr_ray.sweep.report`).
 
 Each trial is a Tune *function* trainable that builds and fits a ``TorchTrainer`` through
 :func:`cxr_ray.train.fit` (the Train V2 pattern); the trial itself holds a sliver of a CPU and
@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxr_ray import report
-from cxr_ray.config import BOUNDED_POLICIES, Recipe
+from cxr_ray.sweep import report
+from cxr_ray.sweep.recipe import BOUNDED_POLICIES, Recipe
 from cxr_ray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ def _tune_trial(config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the driver
 def concurrency(recipe: Recipe) -> int:
     """Trials at once: the recipe's number, or for ``"auto"`` how many trials' workers fit on
-    the cluster at its largest (:mod:`cxr_ray.capacity`).
+    the cluster at its largest (:mod:`cxr_ray.sweep.capacity`).
 
     The rule: the nodes are the live ones, or, on a cluster with an autoscaler whose config
     can be read (the GCS's cluster config, this cluster's ``--autoscaling-config``,
@@ -255,7 +255,7 @@ def concurrency(recipe: Recipe) -> int:
     ``workers``, at least 1. On one machine that is ``(CPUs - 0.5) // (workers ×
     cpus_per_worker + trial_cpus)``.
     """
-    from cxr_ray import capacity
+    from cxr_ray.sweep import capacity
 
     setting = recipe.resources.max_concurrent_trials
     if setting != "auto":

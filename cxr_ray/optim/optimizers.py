@@ -2,7 +2,7 @@
 
 The optimizer owns only the update rule. The Keras ``decay`` argument, which the study used
 on every optimizer (Hernia's Adam included), is an lr policy here: ``time_decay`` or any policy
-with ``PolicyConfig.decay`` (see :mod:`cxr_ray.schedules`), stepped once per optimizer step.
+with ``PolicyConfig.decay`` (see :mod:`cxr_ray.optim.schedules`), stepped once per optimizer step.
 :func:`stage1_setup` puts the two together for a cohort from Table 4.
 
 Defaults follow Keras where the study relied on them: SGD momentum 0.9 (Table 4), Adam
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from cxr_ray.errors import UserError
-from cxr_ray.presets import TABLE4_MOMENTUM, stage1_policy, stage1_recipe
-from cxr_ray.schedules import PolicyConfig, PolicyLR
+from cxr_ray.optim.presets import TABLE4_MOMENTUM, stage1_policy, stage1_recipe
+from cxr_ray.optim.schedules import PolicyConfig, PolicyLR
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_ray import nih
+from cxr_ray.data import nih
 from cxr_ray.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxr_ray import cohorts, nih
+from cxr_ray.data import cohorts, nih
 from cxr_ray.errors import UserError
 
 log = logging.getLogger(__name__)

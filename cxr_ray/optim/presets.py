@@ -5,7 +5,7 @@ use the metadata CSV's spelling (``Pleural_Thickening``) plus ``OneClass`` for t
 cohort; :func:`canonical_cohort` accepts any case and ``_``/space/``-`` variant.
 
 Nothing here trains anything; :func:`stage1_recipe` and :func:`clr_recipe` turn table rows into
-the inputs of :func:`cxr_ray.optim.build_optimizer` and :class:`cxr_ray.schedules.PolicyConfig`.
+the inputs of :func:`cxr_ray.optim.optimizers.build_optimizer` and :class:`cxr_ray.optim.schedules.PolicyConfig`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from cxr_ray.cohorts import COHORTS, ONE_CLASS
+from cxr_ray.data.cohorts import COHORTS, ONE_CLASS
 from cxr_ray.errors import UserError
-from cxr_ray.nih import DISEASES
-from cxr_ray.schedules import PolicyConfig
+from cxr_ray.data.nih import DISEASES
+from cxr_ray.optim.schedules import PolicyConfig
 
-# DISEASES, ONE_CLASS and COHORTS (the 15 names) are cxr_ray.nih's and cxr_ray.cohorts', re-used.
+# DISEASES, ONE_CLASS and COHORTS (the 15 names) are cxr_ray.data.nih's and cxr_ray.data.cohorts', re-used.
 
 
 def canonical_cohort(name: str) -> str:
@@ -160,7 +160,7 @@ class ClrRow:
     """Tables 7 and 8: one cohort's stage-2 CLR run."""
 
     policy: str
-    """Policy name as in :data:`cxr_ray.schedules.POLICIES`."""
+    """Policy name as in :data:`cxr_ray.optim.schedules.POLICIES`."""
     step_size_epochs: float
     """Half cycle in epochs (multiply by steps per epoch for ``PolicyConfig.step_size``)."""
     epochs: int

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_ray import presets
+from cxr_ray.optim import presets
 
 log = logging.getLogger(__name__)
 

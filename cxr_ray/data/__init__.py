@@ -1,0 +1,1 @@
+"""Data: NIH metadata, cohorts, the embedded synthetic set, decoding, augmentation, shards."""
