@@ -209,19 +209,20 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from cxr_ray import pipeline
     from cxr_ray.data import cohorts
+    from cxr_ray.data.prepare import PrepareConfig
+    from cxr_ray.ray_backend import ingest
 
     recipe = cohorts.CohortConfig(
         negatives=args.negatives, seed=args.seed, test_fraction=args.test_fraction,
         split=args.split, split_dir=args.split_dir or args.data,
     )
-    config = pipeline.PrepareConfig(
+    config = PrepareConfig(
         data=args.data, out=args.out, size=args.size, metadata=args.metadata, cohort=recipe,
         address=args.address, force=args.force, shard_rows=args.shard_rows,
         throttle_s=args.throttle_s,
     )
-    result = pipeline.prepare(config)
+    result = ingest.prepare(config)
     print(result.summary())
     if result.quarantined:
         if args.strict:
@@ -231,106 +232,64 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- train / lr-find
-def _train_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by ``train`` and ``lr-find``; each ``dest`` is a TrainConfig field."""
-    p.add_argument("--shards", required=True, help="shard set made by cxr-ray prepare")
-    p.add_argument("--cohort", required=True,
-                   help="one of the 14 diseases (e.g. Pneumothorax) or OneClass")
+#: TrainConfig fields the commands set themselves (not flags).
+_NOT_FLAGS = ("throttle_s",)
+
+
+def _train_flags(p: argparse.ArgumentParser, *, epochs_help: str | None = None) -> None:
+    """One flag per :class:`~cxr_ray.train.TrainConfig` field, help from its docstring."""
+    from cxr_ray.config_flags import add_dataclass_flags
+    from cxr_ray.train import TrainConfig
+
     p.add_argument("--out", type=Path, required=True,
                    help="run directory: checkpoints, history.jsonl, tensorboard/ (re-running "
                         "the same command on it resumes)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="refuse shards prepared at another size")
-    p.add_argument("--model", default="mobilenet_v1",
-                   help="mobilenet_v1 (default), alexnet or densenet121")
-    p.add_argument("--width", type=float, default=1.0, help="MobileNetV1 width multiplier")
-    p.add_argument("--weights", default=None, help="ImageNet backbone weights file")
-    p.add_argument("--pretrained", default="auto", choices=["auto", "true", "false"],
-                   help="use torchvision's cached ImageNet weights (auto: if present)")
-    p.add_argument("--dropout", type=float, default=0.5, help="head dropout (default 0.5)")
-    p.add_argument("--preset", choices=["paper", "none"], default="paper",
-                   help="paper (default): unset batch size, optimizer and lr from the study's "
-                        "Tables 3, 4 and 8; none: batch 32, SGD 0.9, constant 0.01")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="global batch size, split over the workers (paper: Table 3)")
-    p.add_argument("--optimizer", default=None, help="sgd, adam or rmsprop (paper: Table 4)")
-    p.add_argument("--momentum", type=float, default=None, help="momentum / Adam beta1 (0.9)")
-    p.add_argument("--policy", default=None,
-                   help="lr policy: constant, time_decay (paper stage 1), triangular, "
-                        "triangular2, exp_range, modified_triangular2, one_cycle")
-    p.add_argument("--base-lr", "--lr", dest="base_lr", type=float, default=None,
-                   help="lr of step 0: lr0 of constant/time_decay, the lower CLR bound")
-    p.add_argument("--max-lr", type=float, default=None, help="upper CLR / one_cycle bound")
-    p.add_argument("--lr-bounds", default=None, metavar="LR_FIND.json",
-                   help="take base_lr and max_lr from cxr-ray lr-find's lr_find.json")
-    p.add_argument("--step-size-epochs", type=float, default=None,
-                   help="CLR half cycle in epochs (the study: 2)")
-    p.add_argument("--decay", type=float, default=None,
-                   help="Keras time decay lr/(1+decay*step) (paper: Table 4 for time_decay)")
-    p.add_argument("--gamma", type=float, default=1.0, help="exp_range amplitude factor")
-    p.add_argument("--pct-start", type=float, default=0.3, help="one_cycle rising fraction")
-    p.add_argument("--init-from", default=None, metavar="CKPT",
-                   help="stage 2: start from the weights of a stage-1 checkpoint file, "
-                        "checkpoint dir or run dir (its best checkpoint)")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="CPUs Ray reserves per worker (default 1, less on a small machine)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bf16)")
-    p.add_argument("--seed", type=int, default=0, help="weights, shuffle and augmentation seed")
-    p.add_argument("--no-augment", dest="augment", action="store_false",
-                   help="train without the study's augmentation")
-    p.add_argument("--no-cache", dest="cache", action="store_false",
-                   help="stream the cohort from Parquet every epoch instead of caching it")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    actions = add_dataclass_flags(p, TrainConfig, skip=_NOT_FLAGS,
+                                  required=("shards", "cohort"))
+    if epochs_help:
+        actions["epochs"].help = epochs_help
 
 
-def _train_config(args: argparse.Namespace, **extra: object):
-    import dataclasses
+def _train_config(args: argparse.Namespace):
+    from cxr_ray.config_flags import dataclass_kwargs
+    from cxr_ray.train import TrainConfig
 
-    from cxr_ray import train
-
-    keys = {f.name for f in dataclasses.fields(train.TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in keys}
-    if values.get("pretrained") in ("true", "false"):
-        values["pretrained"] = values["pretrained"] == "true"
-    return train.TrainConfig(**{**values, **extra})
+    return TrainConfig(**dataclass_kwargs(args, TrainConfig, skip=_NOT_FLAGS))
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train one cohort's classifier with Ray Train (DDP), checkpoint every epoch",
+        help="train one cohort's classifier (Ray Train DDP by default), checkpoint every epoch",
         description="Train a model on one cohort's train split, evaluate the whole test split "
         "every epoch (loss, accuracy, ROC AUC, sensitivity, specificity), write "
         "OUT/history.jsonl, checkpoints and OUT/tensorboard/. Stage 1 uses the study's "
         "Table 4 recipe; stage 2 adds --init-from STAGE1_RUN and a cyclical --policy. "
-        "Re-running the same command resumes. Example: cxr-ray train --shards /tmp/sh "
-        "--cohort Pneumothorax --out runs/ptx --epochs 3",
+        "Re-running the same command resumes. --launcher process trains in this process "
+        "without Ray. Example: cxr-ray train --shards /tmp/sh --cohort Pneumothorax "
+        "--out runs/ptx --epochs 3",
     )
     _train_flags(p)
-    p.add_argument("--epochs", type=int, default=10, help="epochs in total (default 10)")
-    p.add_argument("--checkpoint-metric", default="test_auc",
-                   help="keep the best checkpoints by this metric (default test_auc)")
-    p.add_argument("--keep-checkpoints", type=int, default=2,
-                   help="best checkpoints kept (the latest is kept too)")
-    p.add_argument("--max-failures", type=int, default=3,
-                   help="restarts from the last checkpoint after a worker failure")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cxr_ray import train
+    from cxr_ray.train import fit_in_process
+    from cxr_ray.train.runlog import format_epoch
 
+    config = _train_config(args).validate()
     out = args.out.expanduser().resolve()
-    summary = train.fit(_train_config(args), storage_path=out.parent, name=out.name)
+    if config.launcher == "process":
+        summary = fit_in_process(config, storage_path=out.parent, name=out.name)
+    else:
+        from cxr_ray.ray_backend import train_launcher
+
+        summary = train_launcher.fit(config, storage_path=out.parent, name=out.name)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
         return 0
-    last = summary.history[-1]
-    print(train.format_epoch(last, summary.epochs))
+    print(format_epoch(summary.history[-1], summary.epochs))
     print(f"run {summary.run_dir}: {summary.epochs} epochs ({summary.resumed_from_epoch} "
           f"before this call), {summary.wall_seconds:.0f} s; best {summary.checkpoint_metric} "
           f"{summary.best_metric} at {summary.best_checkpoint}")
@@ -341,7 +300,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_lr_find(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lr-find",
-        help="LR range test inside Ray Train: loss vs an exponential lr ramp, suggested bounds",
+        help="LR range test: loss vs an exponential lr ramp, suggested CLR bounds",
         description="Train while the lr grows exponentially every step from --start-lr to "
         "--end-lr (losses averaged across workers), stop when the loss diverges, and write "
         "OUT/lr_find.json (the curve and the suggested base_lr/max_lr, which "
@@ -349,23 +308,34 @@ def _add_lr_find(sub: argparse._SubParsersAction) -> None:
         "cxr-ray lr-find --shards /tmp/sh --cohort Pneumothorax --out runs/ptx-lr "
         "--init-from runs/ptx",
     )
-    _train_flags(p)
+    _train_flags(p, epochs_help="length of the ramp in epochs when --steps is not given "
+                                "(default 1, and at least 50 steps)")
     p.add_argument("--start-lr", type=float, default=1e-7, help="lr of the first step (1e-7)")
     p.add_argument("--end-lr", type=float, default=1.0, help="lr of the last step (1)")
     p.add_argument("--steps", type=int, default=None,
                    help="steps of the ramp (default: --epochs epochs' worth, at least 50)")
-    p.add_argument("--epochs", type=int, default=3,
-                   help="length of the ramp in epochs when --steps is not given (default 3)")
     p.add_argument("--rule", default="paper", choices=["paper", "steepest", "valley"],
                    help="suggestion rule: paper (min loss; base = max/4), steepest, valley")
     p.set_defaults(func=_cmd_lr_find)
 
 
 def _cmd_lr_find(args: argparse.Namespace) -> int:
-    from cxr_ray import train
+    from cxr_ray.train import LrFindSpec, lr_find_in_process, plan_run
 
-    result = train.lr_find(_train_config(args), out=args.out, min_lr=args.start_lr,
-                           max_lr=args.end_lr, num_steps=args.steps, rule=args.rule)
+    config = _train_config(args).validate()
+    steps = args.steps
+    if steps is None:
+        plan = plan_run(config)
+        steps = max(50, config.epochs * plan.steps_per_epoch if "epochs" in vars(args)
+                    else plan.steps_per_epoch)
+    spec = LrFindSpec(out=str(args.out.expanduser().resolve()), settings={
+        "min_lr": args.start_lr, "max_lr": args.end_lr, "num_steps": steps, "rule": args.rule})
+    if config.launcher == "process":
+        result = lr_find_in_process(config, spec)
+    else:
+        from cxr_ray.ray_backend import train_launcher
+
+        result = train_launcher.lr_find(config, spec)
     print(json.dumps({k: result[k] for k in ("base_lr", "max_lr", "rule", "suggestions",
                                              "stop_reason")}, indent=2))
     print(f"curve: {args.out / 'lr_find.png'}; bounds for cxr-ray train: "
@@ -409,10 +379,11 @@ def _parse_overrides(items: list[str]) -> dict:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from cxr_ray.sweep import recipe as config, driver as sweep
+    from cxr_ray.ray_backend import tune
+    from cxr_ray.sweep.recipe import load_recipe
 
-    recipe = config.load_recipe(args.config, _parse_overrides(args.set))
-    path = sweep.run_sweep(recipe, resume=args.resume, address=args.address)
+    recipe = load_recipe(args.config, _parse_overrides(args.set))
+    path = tune.run_sweep(recipe, resume=args.resume, address=args.address)
     print(f"report: {path}")
     print(f"tensorboard: tensorboard --logdir {recipe.experiment_dir}")
     return 0

@@ -5,13 +5,14 @@ A sweep trial trains with ``workers`` Ray Train workers, each asking for
 holds ``trial_cpus`` of a CPU.  ``"auto"`` is the number of such trials whose workers fit on
 the cluster **at its largest**:
 
-1. **The nodes.** On a cluster with an autoscaler, every worker node type counts
-   ``max_workers`` times (at most the config's global ``max_workers`` nodes in all, the types
-   that hold the most workers first) and the head once, with the ``resources`` the
-   autoscaler config declares (the head's live resources where it declares none): an
-   autoscaling cluster that starts with zero workers still runs as many trials as it can
-   scale to, and Tune's queued trials are what make the autoscaler add nodes.  Without an
-   autoscaler config we can read: the live nodes (``ray.nodes()``).
+1. **The nodes.** On an autoscaling cluster, the node types the recipe states in ``[resources]
+   autoscale`` (mirroring the autoscaler config): every type counts ``max_workers`` times
+   (at most the stated global ``max_workers`` nodes in all, the types that hold the most
+   workers first), plus the live head once: an autoscaling cluster that starts with zero
+   workers still runs as many trials as it can scale to, and Tune's queued trials are what
+   make the autoscaler add nodes.  Otherwise: the live nodes (``ray.nodes()``).  Ray has no
+   documented API that returns the autoscaler's node types (ray-project/ray#52033), hence
+   the recipe states them; :mod:`cxr_ray.ray_backend.cluster` reads the live nodes.
 2. **Workers per node.** ``floor(min over the requested resources r of node[r] / worker[r])``,
    where a worker's CPU counts its trial's sliver too (``cpus_per_worker + trial_cpus /
    workers``: the trial may land on the same node). A node without a requested resource
@@ -24,34 +25,20 @@ the cluster **at its largest**:
 On one machine without an autoscaler this is the old rule: ``(CPUs - 0.5) // (workers ×
 cpus_per_worker + trial_cpus)``; with ``gpu``, one trial per ``workers`` GPUs.
 
-Where the autoscaler config comes from, first found wins (:func:`cluster_node_groups`):
-
-* the cluster config in the GCS (``ray._private.state``; KubeRay and autoscalers that report
-  one; Ray Train and Ray Data read the same record);
-* the YAML of this cluster's autoscaler (the v1 ``monitor.py`` of ``ray up`` and of
-  ``ray start --head --autoscaling-config=FILE``): its pid is in the autoscaler status the
-  monitor writes to the GCS, its ``--autoscaling-config`` on its command line, readable
-  when the driver runs on the head (``ray job submit`` drivers do);
-* ``~/ray_bootstrap_config.yaml``, the config ``ray up`` leaves on the head (Tune looks for
-  the same file to tell that it runs on a launched cluster).
-
-Everything but :func:`cluster_node_groups` is a pure function.
+Pure functions only: no Ray here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
 
-#: Node count assumed for a node group whose maximum is unlimited (``max_count = -1``).
-UNBOUNDED_NODES = 64
-BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+#: The resource only the head node advertises (in ``ray.nodes()``' ``Resources``).
+HEAD_RESOURCE = "node:__internal_head__"
 
 
 @dataclass
@@ -65,13 +52,24 @@ class NodeGroup:
 
 
 def worker_request(train: dict[str, Any], trial_cpus: float) -> tuple[dict[str, float], int]:
-    """One training worker's resources (its trial's sliver included) and workers per trial,
-    from a recipe's ``[train]`` table."""
+    """One training rank's resources and ranks per trial, from a trial's training keys.
+
+    A trial that runs its loop in its own process (:func:`cxr_ray.sweep.plan.launcher_of`)
+    *is* its rank: it asks ``cpus_per_worker`` (plus ``data_cpus`` for Ray Data
+    augmentation) and ``gpus_per_worker``. A Ray Train trial's workers ask the same, and the
+    trial itself holds ``trial_cpus`` of a CPU besides (counted against its workers: it may
+    land on the same node)."""
+    from cxr_ray.sweep.plan import launcher_of
+
     workers = int(train.get("workers", 1) or 1)
     cpus = float(train.get("cpus_per_worker") or 1.0)
-    request = {"CPU": cpus + trial_cpus / workers}
+    if launcher_of(train) == "ray_train":
+        cpus += trial_cpus / workers
+    if train.get("augment_on") == "ray_data":
+        cpus += float(train.get("data_cpus", 1.0)) / workers
+    request = {"CPU": cpus}
     if train.get("gpu"):
-        request["GPU"] = 1.0
+        request["GPU"] = float(train.get("gpus_per_worker", 1.0))
     request.update({k: float(v) for k, v in (train.get("worker_resources") or {}).items()})
     return request, workers
 
@@ -110,9 +108,10 @@ def trials_at_once(groups: Iterable[NodeGroup], request: dict[str, float], worke
 # --------------------------------------------------------------------------- node groups
 def groups_from_autoscaler_config(config: dict[str, Any], live_head: dict[str, float] | None
                                   ) -> tuple[list[NodeGroup], int | None]:
-    """Node groups at full scale from an autoscaler YAML (``cluster.yaml``, the bootstrap
-    config), and the global worker cap. A worker type without ``resources`` is skipped (the
-    launcher fills them in for AWS/GCP in the bootstrap config it copies to the head)."""
+    """Node groups at full scale from an autoscaler YAML (``cluster.yaml``; what
+    :func:`groups_from_stated` builds), and the global worker cap. The head type takes the
+    live head's resources where it declares none; a worker type without ``resources`` is
+    skipped, with a warning."""
     types = config.get("available_node_types") or {}
     head_type = config.get("head_node_type")
     cap = config.get("max_workers")
@@ -135,91 +134,24 @@ def groups_from_autoscaler_config(config: dict[str, Any], live_head: dict[str, f
     return groups, (int(cap) if cap is not None else None)
 
 
-def groups_from_cluster_config(node_groups: Iterable[tuple[str, dict[str, float], int]],
-                               live_head: dict[str, float] | None) -> list[NodeGroup]:
-    """Node groups from the GCS cluster config: ``(name, resources, max_count)`` per group
-    (-1: unlimited, counted as :data:`UNBOUNDED_NODES`), plus the live head."""
-    groups = [NodeGroup(name, dict(res), UNBOUNDED_NODES if count < 0 else int(count))
-              for name, res, count in node_groups if count != 0 and res]
-    if live_head:
-        groups.append(NodeGroup("head", dict(live_head), 1, head=True))
-    return groups
-
-
 def groups_from_live_nodes(nodes: list[dict[str, Any]]) -> list[NodeGroup]:
     """One group per alive node of ``ray.nodes()``."""
     return [NodeGroup(n.get("NodeID", "?"), dict(n.get("Resources") or {}), 1,
-                      head="node:__internal_head__" in (n.get("Resources") or {}))
+                      head=HEAD_RESOURCE in (n.get("Resources") or {}))
             for n in nodes if n.get("Alive")]
 
 
-def autoscaling_config_from_cmdline(cmdline: list[str], gcs_port: str) -> str | None:
-    """``--autoscaling-config`` of an autoscaler ``monitor.py`` command line serving the GCS
-    at port ``gcs_port`` (None for any other process)."""
-    if not any(arg.endswith("monitor.py") for arg in cmdline):
-        return None
-    gcs = next((a.split("=", 1)[1] for a in cmdline if a.startswith("--gcs-address=")), "")
-    if gcs.rpartition(":")[2] != str(gcs_port):
-        return None
-    return next((a.split("=", 1)[1] for a in cmdline if a.startswith("--autoscaling-config=")),
-                None)
+def head_resources(nodes: list[dict[str, Any]]) -> dict[str, float] | None:
+    """The alive head's resources in ``ray.nodes()`` (None without one)."""
+    return next((dict(n["Resources"]) for n in nodes if n.get("Alive") and
+                 HEAD_RESOURCE in (n.get("Resources") or {})), None)
 
 
-# --------------------------------------------------------------------------- Ray glue
-def cluster_node_groups() -> tuple[list[NodeGroup], int | None, str]:
-    """The connected cluster's node groups at full scale, the global worker-node cap, and
-    where they came from (for the log). Needs ``ray.init`` first."""
-    import ray  # Ray-specific from here on
-
-    nodes = ray.nodes()
-    head = next((dict(n["Resources"]) for n in nodes if n.get("Alive") and
-                 "node:__internal_head__" in (n.get("Resources") or {})), None)
-    try:
-        import ray._private.state
-
-        config = ray._private.state.state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - private API: any failure means "no such record"
-        config = None
-    if config is not None and config.node_group_configs:
-        groups = groups_from_cluster_config(
-            ((g.name, dict(g.resources), g.max_count) for g in config.node_group_configs), head)
-        return groups, None, "the cluster config in the GCS"
-    path = _monitor_config_path() or _existing(BOOTSTRAP_CONFIG)
-    if path is not None:
-        try:
-            import yaml
-
-            data = yaml.safe_load(Path(path).read_text())
-            groups, cap = groups_from_autoscaler_config(data, head)
-            return groups, cap, f"the autoscaler config {path}"
-        except (OSError, ValueError, AttributeError, yaml.YAMLError) as exc:
-            log.warning("cannot read the autoscaler config %s (%s); using the live nodes",
-                        path, exc)
-    return groups_from_live_nodes(nodes), None, "the live nodes"
-
-
-def _existing(path: str) -> str | None:
-    p = Path(path).expanduser()
-    return str(p) if p.is_file() else None
-
-
-def _monitor_config_path() -> str | None:
-    """The ``--autoscaling-config`` of this cluster's autoscaler, if it runs on this machine."""
-    import ray
-    from ray._private import ray_constants
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    try:
-        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-        pid = int(json.loads(status)["monitor_pid"]) if status else None
-        port = ray.get_runtime_context().gcs_address.rpartition(":")[2]
-    except Exception:  # noqa: BLE001 - private API / no autoscaler: no config to read
-        return None
-    if pid is None:
-        return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-    except OSError:  # not on this machine (or not Linux)
-        return None
-    path = autoscaling_config_from_cmdline(cmdline, port)
-    return _existing(path) if path else None
+def groups_from_stated(stated: dict[str, Any], head: dict[str, float] | None
+                       ) -> tuple[list[NodeGroup], int | None]:
+    """Node groups at full scale from a recipe's ``[resources] autoscale`` (worker node types
+    as in an autoscaler config's ``available_node_types``, plus an optional global
+    ``max_workers``) and the live head's resources; and the global worker cap."""
+    types = {name: spec for name, spec in stated.items() if name != "max_workers"}
+    config = {"available_node_types": types, "max_workers": stated.get("max_workers")}
+    return groups_from_autoscaler_config(config, head)

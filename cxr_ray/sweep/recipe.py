@@ -97,10 +97,17 @@ class ResourcesSection:
     """``[resources]``: how trials share the cluster."""
 
     max_concurrent_trials: int | str = "auto"
-    """Trials at once; ``auto``: what the cluster's CPUs (GPUs with ``gpu``) can hold, so
-    more GPUs means more trials at once."""
+    """Trials at once; ``auto``: what the cluster's CPUs (GPUs with ``gpu``) can hold at its
+    largest (``autoscale`` below, else the live nodes), so more GPUs means more trials."""
     trial_cpus: float = 0.01
     """CPU the Tune trial itself holds (it only waits on its TorchTrainer)."""
+    autoscale: dict[str, Any] = field(default_factory=dict)
+    """The autoscaling cluster's worker node types, which ``auto`` counts at full scale
+    (Ray has no documented API that returns them): a subset of the autoscaler config's
+    ``available_node_types``, each with ``max_workers`` and ``resources``, plus the optional
+    global ``max_workers``; it must mirror the cluster's YAML. E.g. ``{max_workers = 8, gpu =
+    {max_workers = 8, resources = {CPU = 4, GPU = 1, gpu_node = 1}}}``. Empty (the default):
+    ``auto`` counts the live nodes."""
 
 
 @dataclass
@@ -302,6 +309,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
     if not (0 < resources.trial_cpus <= 1) or not math.isfinite(resources.trial_cpus):
         raise UserError(f"{where('resources')} trial_cpus: a number in (0, 1], got "
                         f"{resources.trial_cpus!r}")
+    _autoscale(resources.autoscale, f"{where('resources')} autoscale")
     return Recipe(experiment=experiment, train=train, stage1=stage1, stage2=stage2,
                   stage2_extra=extra, lr_find=lr, grid=grid, stage1_grid=stage1_grid,
                   comparison=comparison, resources=resources, source=source)
@@ -320,3 +328,40 @@ def _grid(table: dict[str, Any], where: str) -> dict[str, list[Any]]:
                 _train_table({key: v}, where)
         grid[key] = list(values)
     return grid
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _autoscale(table: Any, where: str) -> None:
+    """``[resources] autoscale``: node types ``{max_workers = N, resources = {NAME = n}}``
+    and an optional global ``max_workers``."""
+    example = "{gpu = {max_workers = 8, resources = {CPU = 4, GPU = 1, gpu_node = 1}}}"
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: must be a table of node types, e.g. {example}; got {table!r}")
+    if "max_workers" in table and not _count(table["max_workers"]):
+        raise UserError(f"{where} max_workers: an integer >= 0 (the global cap on worker "
+                        f"nodes), got {table['max_workers']!r}")
+    types = {name: spec for name, spec in table.items() if name != "max_workers"}
+    if table and not types:
+        raise UserError(f"{where}: max_workers alone; name the node types too, e.g. {example}")
+    for name, spec in types.items():
+        at = f"{where} {name}"
+        if not isinstance(spec, dict):
+            raise UserError(f"{at}: a node type is a table, e.g. {{max_workers = 8, resources = "
+                            f"{{CPU = 4, GPU = 1, gpu_node = 1}}}}; got {spec!r}")
+        for key in spec:
+            if key not in ("max_workers", "resources"):
+                raise UserError(f"{at}: unknown key {key!r}; valid: max_workers, resources")
+        if not _count(spec.get("max_workers")):
+            raise UserError(f"{at} max_workers: required, an integer >= 0 (as in the cluster's "
+                            f"YAML), got {spec.get('max_workers')!r}")
+        res = spec.get("resources")
+        if not isinstance(res, dict) or not res:
+            raise UserError(f"{at} resources: required, a table such as {{CPU = 4, GPU = 1}} "
+                            f"(as in the cluster's YAML), got {res!r}")
+        for key, amount in res.items():
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or \
+                    not math.isfinite(amount) or amount < 0:
+                raise UserError(f"{at} resources {key}: a number >= 0, got {amount!r}")

@@ -3,7 +3,7 @@
 Reads only files, so it works while the sweep runs (from any machine that mounts the
 experiment), after it finished, and after its driver died::
 
-    EXP/recipe.json                    the planned trials (cxr_ray.sweep.driver.plan_trials)
+    EXP/recipe.json                    the planned trials (cxr_ray.sweep.plan.plan_trials)
     EXP/<stage>/<run>/trial.json       a finished trial
     EXP/<stage>/<run>/config.json, history.jsonl   a started trial and its finished epochs
     EXP/<stage>/<run>/summary.json     its training is done (a stage-1 trial may still run
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_ray.sweep import report
+from cxr_ray import paths
 from cxr_ray.errors import UserError
 
 STAGES = ("stage1", "stage2", "comparison")
@@ -77,7 +78,7 @@ def tune_states(stage_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def trial_status(spec: Any, experiment: Path, tune: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One planned trial (a :class:`cxr_ray.sweep.driver.TrialSpec`): state, epochs, last metrics."""
+    """One planned trial (a :class:`cxr_ray.sweep.plan.TrialSpec`): state, epochs, last metrics."""
     run_dir = experiment / spec.stage / spec.run_name
     plan = _read_json(run_dir / report.CONFIG_FILE) or {}
     history = _history(run_dir)
@@ -106,14 +107,14 @@ def trial_status(spec: Any, experiment: Path, tune: dict[str, dict[str, Any]]) -
 
 def experiment_status(experiment: str | Path) -> dict[str, Any]:
     """Every planned trial's state per stage, counts, and the best result per cohort."""
-    from cxr_ray.sweep import recipe as config, driver as sweep
+    from cxr_ray.sweep import plan as sweep, recipe as config
 
     experiment = Path(experiment).expanduser().resolve()
-    stored = _read_json(experiment / sweep.RECIPE_FILE)
+    stored = _read_json(experiment / paths.RECIPE_FILE)
     if stored is None:
-        raise UserError(f"{experiment}: no readable {sweep.RECIPE_FILE}; pass the directory "
+        raise UserError(f"{experiment}: no readable {paths.RECIPE_FILE}; pass the directory "
                         "a cxr-ray sweep writes (storage_path/name of its recipe)")
-    source = stored.pop("source", "") or str(experiment / sweep.RECIPE_FILE)
+    source = stored.pop("source", "") or str(experiment / paths.RECIPE_FILE)
     planned = sweep.plan_trials(config.parse_recipe(stored, source))
     stages: dict[str, Any] = {}
     for stage, specs in zip(STAGES, planned):

@@ -28,7 +28,7 @@ from cxr_ray.data import augment, cohorts, decode, nih
 from cxr_ray.errors import UserError
 
 SIZE = 32  # prepared resolution in these tests (the synthetic images are 64²)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- helpers

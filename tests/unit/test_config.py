@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from cxr_ray.sweep import recipe as config, driver as sweep
+from cxr_ray.sweep import plan as sweep, recipe as config
 from cxr_ray.errors import UserError
 
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 def test_demo_recipe_is_all_15_cohorts_by_all_policies():

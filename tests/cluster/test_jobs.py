@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr_ray import train
+from cxr_ray import paths
 from cxr_ray.sweep import report
 from cxr_ray.data import synth
 
@@ -41,7 +41,7 @@ from test_sweep import COHORTS, POLICIES, RECIPE  # the tiny recipe of the local
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's ray and cxr-ray
 TINY = ["--set", "stage1.epochs=1", "--set", "stage2.epochs=1", "--set", "lr_find.num_steps=8"]
 #: Ray's own detached singletons, which outlive the job that started them by design.
@@ -277,7 +277,7 @@ def test_sweep_job_stops_cleanly_and_resumes(cluster, tiny_recipe):
     finished = {p.parent for p in exp.glob(f"*/*/{report.TRIAL_FILE}")}
     assert any(run.parent.name == "stage2" for run in finished)
     assert len(finished) < len(COHORTS) * (1 + len(POLICIES))  # stopped mid-sweep
-    before = {run: [(run / f).stat().st_mtime_ns for f in (report.TRIAL_FILE, train.SUMMARY_FILE)]
+    before = {run: [(run / f).stat().st_mtime_ns for f in (report.TRIAL_FILE, paths.SUMMARY_FILE)]
               for run in finished}
 
     sent = cluster.submit("sweep-2", *sweep_cmd, "--resume")
@@ -290,9 +290,9 @@ def test_sweep_job_stops_cleanly_and_resumes(cluster, tiny_recipe):
         for run in [exp / "stage1" / cohort] + [exp / "stage2" / f"{cohort}__{p}" for p in POLICIES]:
             assert (run / report.TRIAL_FILE).is_file(), run
     for run, stamps in before.items():  # finished trials were not trained again
-        now = [(run / f).stat().st_mtime_ns for f in (report.TRIAL_FILE, train.SUMMARY_FILE)]
+        now = [(run / f).stat().st_mtime_ns for f in (report.TRIAL_FILE, paths.SUMMARY_FILE)]
         assert now == stamps, run
-        assert len((run / train.ATTEMPTS_FILE).read_text().splitlines()) == 1, run
+        assert len((run / paths.ATTEMPTS_FILE).read_text().splitlines()) == 1, run
     assert "resuming the Tune experiment" in logs
     # each driver ran against this cluster, as RAY_ADDRESS from the job agent told it; no
     # process of the cluster lost its way among the Ray instances on this machine (Ray

@@ -1,5 +1,6 @@
-"""Ray Data stage: ``prepare`` (decode every listed image once into Parquet shards) and the
-training stream over those shards.
+"""``prepare`` without Ray: plan the work (metadata, cohorts, the files on disk), lock the
+output, check what the decode wrote, and publish a complete shard set atomically. The decode
+itself runs as Ray Data tasks (:mod:`cxr_ray.ray_backend.ingest` passes it in).
 
 Owns the shard layout and its manifest, the quarantine list, atomic publishing, the Ray
 session of the ``prepare`` command, and the per-cohort Ray Dataset that training reads.
@@ -43,17 +44,7 @@ training on: pass ``--force`` or choose another ``--out``.
 
 On a multi-node cluster ``--out`` (and ``--data``) must be storage that every node sees
 at the same path (NFS or similar): the workers write the shards, the driver renames them.
-
-Training stream: :func:`cohort_dataset` reads only ``image_id`` and ``pixels`` of the
-image shards, filtered to the cohort split's ids with a predicate Ray pushes down into
-the Parquet scan, joins the labels in ``map_batches`` and, for the train split, shuffles
-globally with a new (reproducible) permutation every epoch.  Augmentation is *not* in the
-dataset: the training worker calls :func:`model_batch` (``augment.augment_by_id`` for
-train, ``augment.to_model_input`` for test), because it knows the epoch and, measured in
-bench/RESULTS.md, augmenting a uint8 batch in torch is faster than a Ray Data
-``map_batches`` step on the same CPU, and faster still on a GPU.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -71,7 +62,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -79,22 +70,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxr_ray.data import cohorts, decode, nih
+from cxr_ray.data.shards import (COHORTS_DIR, FORMAT_VERSION, IMAGES, MANIFEST, QUARANTINE,
+                                 read_manifest)
 from cxr_ray.errors import UserError
 
-if TYPE_CHECKING:  # pragma: no cover
-    import ray.data
-    import torch
-
-    from cxr_ray.data.augment import AugmentConfig
 
 log = logging.getLogger(__name__)
 
-#: Bump when the shard layout or manifest schema changes incompatibly.
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-QUARANTINE = "quarantine.csv"
-IMAGES = "images"
-COHORTS_DIR = "cohorts"
 _LOCK = ".lock"
 _STAGING = ".staging-"
 _OURS = {MANIFEST, QUARANTINE, IMAGES, COHORTS_DIR, _LOCK}
@@ -111,7 +93,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".dc
 #: Metadata looked for in ``--data`` when ``--metadata`` is not given.
 METADATA_NAMES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv",
                   "Data_Entry_2017.csv.gz", "Data_Entry_2017_v2020.csv.gz")
-SPLITS = ("train", "test")
 
 
 # =========================================================================== prepare
@@ -179,8 +160,12 @@ class PrepareResult:
                 f"see {self.quarantine_path}")
 
 
+#: ``(plan, parts_dir) -> {"cpus", "decode_seconds"}``: the Ray Data decode (see :func:`prepare`).
+DecodeAndWrite = Callable[["PreparePlan", Path], dict[str, float]]
+
+
 @dataclass
-class _Plan:
+class PreparePlan:
     """Everything the driver knows before any pixel is decoded."""
 
     config: PrepareConfig
@@ -195,17 +180,18 @@ class _Plan:
     fingerprint: str
 
 
-def prepare(config: PrepareConfig) -> PrepareResult:
+def prepare(config: PrepareConfig, decode_and_write: DecodeAndWrite) -> PrepareResult:
     """Decode every image the metadata lists into ``config.out`` (see the module docstring).
 
-    Starts (or connects to) Ray only when there is work to do; an already initialised
-    Ray (e.g. a test's) is used as is.
+    ``decode_and_write(plan, parts_dir)`` decodes ``plan.jobs`` and writes Parquet
+    partitioned on ``status`` into ``parts_dir``, returning ``{"cpus", "decode_seconds"}``;
+    it is called only when there is work to do.
     """
     start = time.perf_counter()
     plan = _plan(config)
     out = config.out
     with _locked(out):
-        existing = _read_manifest(out)
+        existing = read_manifest(out)
         if existing is not None and not config.force:
             if existing.get("settings") != plan.settings:
                 raise UserError(_settings_mismatch(out, existing.get("settings") or {},
@@ -217,8 +203,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
         staging = out / f"{_STAGING}{os.getpid()}-{secrets.token_hex(4)}"
         staging.mkdir()
         try:
-            with ray_session(config.address):
-                ray_stats = _decode_and_write(plan, staging / "parts")
+            ray_stats = decode_and_write(plan, staging / "parts")
             manifest = _assemble(plan, staging, ray_stats, start)
             _publish(out, staging, manifest)
         finally:
@@ -229,7 +214,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
 
 
 # --------------------------------------------------------------------------- planning
-def _plan(config: PrepareConfig) -> _Plan:
+def _plan(config: PrepareConfig) -> PreparePlan:
     data = Path(config.data)
     if not data.is_dir():
         raise UserError(f"--data {data}: no such directory; pass the data set directory "
@@ -270,7 +255,7 @@ def _plan(config: PrepareConfig) -> _Plan:
     if cc.split == "official":
         for part in cohorts.OFFICIAL_LISTS:
             h.update(Path(cc.split_dir, part).read_bytes())
-    return _Plan(config, metadata_path, jobs, built, scan.unlisted, scan.duplicates,
+    return PreparePlan(config, metadata_path, jobs, built, scan.unlisted, scan.duplicates,
                  len(scan.stats), settings, h.hexdigest())
 
 
@@ -358,65 +343,6 @@ def _scan(data: Path, listed: set[str], exclude: Path) -> _Scan:
     return _Scan(paths, stats, unlisted, duplicates)
 
 
-# --------------------------------------------------------------------------- Ray
-@contextlib.contextmanager
-def ray_session(address: str | None = None) -> Iterator[None]:
-    """Use the initialised Ray, else connect to ``address``/``RAY_ADDRESS``, else start a
-    local Ray (no dashboard) for the duration; disconnect/shut down what was started here."""
-    import ray  # Ray-specific
-
-    if ray.is_initialized():
-        yield
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        log.info("connecting to the Ray cluster at %s", address)
-        try:
-            ray.init(address=address)
-        except (ConnectionError, TimeoutError) as exc:
-            raise UserError(f"cannot connect to the Ray cluster at {address} ({exc}); check "
-                            "--address / RAY_ADDRESS, or leave both unset for a local Ray") from None
-    else:
-        ray.init(address="local", include_dashboard=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def _decode_and_write(plan: _Plan, parts: Path) -> dict[str, float]:
-    """Ray Data: decode every row once and write Parquet partitioned on status.
-
-    Returns the CPUs used and the seconds the Ray Data execution took."""
-    import ray  # Ray-specific from here to the end of the function
-
-    size = plan.config.size
-    rows = len(plan.jobs)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    shard_rows = plan.config.shard_rows or max(1, TARGET_SHARD_BYTES // (size * size))
-    # At least four blocks per CPU: tasks of a few seconds balance the load to the end even
-    # when some cores are slower or busy (measured: 4 → 8 → 16 blocks for 1,152 images on
-    # 2 busy cores gave 40 → 50 → 54 images/s); the data decides above that.
-    n_blocks = min(rows, max(math.ceil(rows / shard_rows), 4 * cpus))
-    bounds = np.linspace(0, rows, n_blocks + 1).round().astype(int)
-    chunks = [plan.jobs.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    # Ray Data bundles input blocks until a bundle holds `batch_size` rows: keep it at most
-    # the smallest block, so that every block is its own task (and its own shard).
-    smallest = min(len(c) for c in chunks)
-    batch_size = max(1, min(smallest, TARGET_BATCH_BYTES // (size * size)))
-    log.info("decoding %d images into %d shards at %d² on %d CPUs", rows, len(chunks), size, cpus)
-    started = time.perf_counter()
-    ds = ray.data.from_pandas(chunks)
-    ds = ds.map_batches(decode.decode_batch, batch_format="pyarrow", batch_size=batch_size,
-                        fn_kwargs={"size": size, "throttle_s": plan.config.throttle_s})
-    ds.write_parquet(
-        str(parts), partition_cols=["status"], compression=COMPRESSION,
-        row_group_size=batch_size, use_dictionary=["source_mode"],
-        write_statistics=["image_id", "patient_id"],
-    )
-    return {"cpus": cpus, "decode_seconds": time.perf_counter() - started}
-
-
 # --------------------------------------------------------------------------- assembly
 def _parquet_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
@@ -428,7 +354,7 @@ def _read_columns(files: list[Path], columns: list[str]) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
 
 
-def _assemble(plan: _Plan, staging: Path, ray_stats: dict[str, float],
+def _assemble(plan: PreparePlan, staging: Path, ray_stats: dict[str, float],
               start: float) -> dict[str, Any]:
     """Check the written rows, lay out ``staging/new`` and return the manifest."""
     parts = staging / "parts"
@@ -561,15 +487,6 @@ def _locked(out: Path) -> Iterator[None]:
         yield
 
 
-def _read_manifest(out: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((out / MANIFEST).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}  # unreadable: treated as "other settings"
-
-
 def _settings_mismatch(out: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
     diffs = []
     for key in sorted(set(old) | set(new)):
@@ -616,180 +533,3 @@ def _publish(out: Path, staging: Path, manifest: dict[str, Any]) -> None:
     _fsync(out)
 
 
-# =========================================================================== the stream
-@dataclass(frozen=True)
-class Shards:
-    """A complete shard set on disk (see :func:`open_shards`)."""
-
-    root: Path
-    manifest: dict[str, Any]
-
-    @property
-    def size(self) -> int:
-        return int(self.manifest["size"])
-
-    @property
-    def images_dir(self) -> Path:
-        return self.root / IMAGES
-
-    def cohort_path(self, cohort: str) -> Path:
-        return self.root / COHORTS_DIR / f"{cohorts.resolve_cohort(cohort)}.parquet"
-
-
-def open_shards(path: str | Path, expect_size: int | None = None) -> Shards:
-    """Open a shard set, or raise a :class:`UserError` that says how to make a usable one."""
-    root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"{root}: no shard set there; make one with "
-                        f"cxr-ray prepare --data DIR --out {root}")
-    manifest = _read_manifest(root)
-    if manifest is None:
-        raise UserError(f"{root} is not a complete shard set (no {MANIFEST}: a prepare is running "
-                        f"or was interrupted); re-run cxr-ray prepare --data DIR --out {root}")
-    if manifest.get("format_version") != FORMAT_VERSION or "size" not in manifest:
-        raise UserError(f"{root}/{MANIFEST} is unreadable or of format "
-                        f"{manifest.get('format_version')!r} (this cxr-ray reads {FORMAT_VERSION}); "
-                        f"re-run cxr-ray prepare --force --out {root}")
-    shards = Shards(root, manifest)
-    if expect_size is not None and shards.size != expect_size:
-        raise UserError(f"{root} was prepared for {shards.size}, asked for {expect_size}: "
-                        f"re-run cxr-ray prepare --size {expect_size} (into another --out)")
-    missing = [s["file"] for s in manifest.get("shards", []) if not (root / s["file"]).is_file()]
-    missing += [f"{COHORTS_DIR}/{c}.parquet" for c in manifest.get("cohorts", {})
-                if not (root / COHORTS_DIR / f"{c}.parquet").is_file()]
-    if missing:
-        raise UserError(f"{root} is damaged: {len(missing)} file(s) listed in {MANIFEST} are "
-                        f"missing, e.g. {missing[0]}; re-run cxr-ray prepare --force --out {root}")
-    return shards
-
-
-def cohort_table(shards: Shards | str | Path, cohort: str, split: str | None = None) -> pd.DataFrame:
-    """The cohort's index table (image_index, image_id, patient_id, split, label)."""
-    sh = shards if isinstance(shards, Shards) else open_shards(shards)
-    path = sh.cohort_path(cohort)
-    if not path.is_file():
-        raise UserError(f"{sh.root} has no table for cohort {cohort!r}; re-run cxr-ray prepare")
-    table = pq.read_table(path).to_pandas()
-    if split is not None:
-        if split not in SPLITS:
-            raise UserError(f"split {split!r}: use 'train' or 'test'")
-        table = table[table["split"] == split].reset_index(drop=True)
-    return table
-
-
-def _stream_batch(batch: pa.Table, *, ids: np.ndarray, labels: np.ndarray,
-                  size: int) -> dict[str, np.ndarray]:
-    """``map_batches``: pixels → uint8 (n, size, size) ``image``; the cohort label joined by id."""
-    image_ids = batch.column("image_id").to_numpy()
-    if len(image_ids) == 0:
-        return {"image": np.zeros((0, size, size), np.uint8),
-                "image_id": np.zeros(0, np.int64), "label": np.zeros(0, np.float32)}
-    where = np.searchsorted(ids, image_ids)
-    where = np.minimum(where, len(ids) - 1)
-    if not np.array_equal(ids[where], image_ids):
-        raise RuntimeError("cohort stream received an image that is not in the cohort split")
-    return {"image": decode.pixels_to_numpy(batch.column("pixels"), size).copy(),
-            "image_id": image_ids.astype(np.int64), "label": labels[where]}
-
-
-def cohort_dataset(shards: Shards | str | Path, cohort: str, split: str, *,
-                   expect_size: int | None = None, shuffle: str | None = None,
-                   seed: int = 0, materialize: bool = False) -> "ray.data.Dataset":
-    """A Ray Dataset of one cohort split: ``image`` uint8 (H, W), ``image_id`` int64,
-    ``label`` float32; every image of the split exactly once per pass.
-
-    ``shuffle``: ``"global"`` (default for train) permutes all rows with
-    ``random_shuffle``, a new permutation every epoch that is still reproducible from
-    ``seed``: the metadata (hence the shards) is ordered by patient, so without a real
-    shuffle a batch would hold one patient's follow-ups and one label.  ``"blocks"``
-    only randomises the block order (cheaper; pair it with ``iter_torch_batches(
-    local_shuffle_buffer_size=...)``); ``"none"`` (default for test) keeps file order.
-    The test split is never augmented: augmentation is applied by :func:`model_batch`.
-
-    ``materialize=True`` reads and filters once, here, and keeps the split's pixels in
-    Ray's object store (``size²`` bytes per image: 1.2 GB for Atelectasis' 23,559 images
-    at 224²); every epoch then only shuffles in memory instead of scanning all shards
-    again.  The default streams from Parquet each epoch (no memory held between epochs).
-    """
-    import ray  # Ray-specific from here to the end of the function
-    from ray.data import RandomSeedConfig
-    from ray.data.expressions import col
-
-    sh = shards if isinstance(shards, Shards) else open_shards(shards, expect_size)
-    if expect_size is not None and sh.size != expect_size:
-        open_shards(sh.root, expect_size)  # raises the size message
-    if split not in SPLITS:
-        raise UserError(f"split {split!r}: use 'train' or 'test'")
-    shuffle = shuffle or ("global" if split == "train" else "none")
-    if shuffle not in ("global", "blocks", "none"):
-        raise UserError(f"shuffle {shuffle!r}: use 'global', 'blocks' or 'none'")
-    if not sh.manifest.get("written"):
-        raise UserError(f"{sh.root} holds no images (all {sh.manifest.get('rows')} listed were "
-                        f"quarantined, see {sh.root / QUARANTINE}); fix the data and re-run prepare")
-    table = cohort_table(sh, cohort, split)
-    order = np.argsort(table["image_id"].to_numpy(np.int64), kind="stable")
-    ids = table["image_id"].to_numpy(np.int64)[order]
-    labels = table["label"].to_numpy(np.float32)[order]
-    ds = (ray.data.read_parquet(str(sh.images_dir))
-          .select_columns(["image_id", "pixels"])
-          .filter(expr=col("image_id").is_in(ids.tolist())))  # pushed into the Parquet scan
-    ds = ds.map_batches(_stream_batch, batch_format="pyarrow",
-                        fn_kwargs={"ids": ids, "labels": labels, "size": sh.size})
-    if materialize:
-        ds = ds.materialize()  # the fixed work, once; the shuffle below still runs per epoch
-    seeded = RandomSeedConfig(seed=seed, reseed_after_execution=True)
-    if shuffle == "global":
-        ds = ds.random_shuffle(seed=seeded)
-    elif shuffle == "blocks":
-        ds = ds.randomize_block_order(seed=seeded)
-    return ds
-
-
-def model_batch(batch: dict[str, Any], split: str, *, epoch: int = 0, seed: int = 0,
-                cfg: "AugmentConfig | None" = None,
-                device: "torch.device | str | None" = None) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """A stream batch (from ``iter_torch_batches``) → ``(x, y)`` for the model.
-
-    ``x`` float32 (N, 1, H, W) in [0, 1]; ``y`` float32 (N,).  The train split is
-    augmented per image with :func:`cxr_ray.data.augment.augment_by_id` — parameters a pure
-    function of ``(seed, epoch, image_id)``, so every epoch differs and any run can be
-    reproduced — on ``device`` (the uint8 batch moves first, 4× less traffic than
-    float).  The test split only goes through :func:`cxr_ray.data.augment.to_model_input`.
-    """
-    import torch
-
-    from cxr_ray.data import augment
-
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r}: use 'train' or 'test'")
-    images = torch.as_tensor(batch["image"])
-    labels = torch.as_tensor(batch["label"]).to(torch.float32)
-    if device is not None:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-    if split == "train":
-        ids = torch.as_tensor(batch["image_id"])
-        x = augment.augment_by_id(images, ids, seed=seed, epoch=epoch,
-                                  cfg=cfg if cfg is not None else augment.AugmentConfig())
-    else:
-        x = augment.to_model_input(images)
-    return x, labels
-
-
-def train_transform(batch: dict[str, Any], *, epoch: int, seed: int = 0,
-                    cfg: "AugmentConfig | None" = None,
-                    device: "torch.device | str | None" = None) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """:func:`model_batch` for the train split (augmented for ``epoch``)."""
-    return model_batch(batch, "train", epoch=epoch, seed=seed, cfg=cfg, device=device)
-
-
-def eval_transform(batch: dict[str, Any], *,
-                   device: "torch.device | str | None" = None) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """:func:`model_batch` for the test split (never augmented)."""
-    return model_batch(batch, "test", device=device)
-
-
-__all__ = [
-    "FORMAT_VERSION", "PrepareConfig", "PrepareResult", "Shards", "cohort_dataset",
-    "cohort_table", "eval_transform", "model_batch", "open_shards", "prepare", "ray_session",
-    "train_transform",
-]

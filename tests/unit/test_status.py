@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cxr_ray import cli
-from cxr_ray.sweep import recipe as config, status, driver as sweep
+from cxr_ray import cli, paths
+from cxr_ray.sweep import plan as sweep, recipe as config, status
 
 RECIPE = {
     "experiment": {"name": "synthetic", "shards": "/nonexistent/shards",
@@ -58,7 +58,7 @@ def experiment(tmp_path) -> Path:
     trials pending; plus a trial Tune retried after an error that then finished."""
     exp = tmp_path / "synthetic"
     recipe = config.parse_recipe(json.loads(json.dumps(RECIPE)), "synthetic.toml")
-    _write(exp / sweep.RECIPE_FILE, json.dumps(recipe.to_dict(), default=str))
+    _write(exp / paths.RECIPE_FILE, json.dumps(recipe.to_dict(), default=str))
     _run(exp, "stage1", "Cardiomegaly", [0.60, 0.70], 2, "time_decay", finished=True)
     _run(exp, "stage1", "Effusion", [0.55, 0.65], 2, "time_decay", summary=True)
     _run(exp, "stage2", "Cardiomegaly__constant", [0.72, 0.74, 0.71], 3, "constant",

@@ -5,11 +5,12 @@ The module starts its own Ray head on Ray's ``fake_multinode`` provider (127.0.0
 test session runs, and a sweep (a ``cxr-ray sweep`` process that alone sees the address)
 whose training workers ask for ``gpu_node``. A watcher process records the cluster's nodes
 and the nodes of the training workers every second. The tests check: the sweep's "auto"
-concurrency came from the autoscaler config (not the zero workers it started with); fake GPU
-nodes were added; every training worker ran on one; the sweep finished with its report; the
-nodes went away after the idle timeout; ``cxr-ray status`` read the experiment while it ran
-and after. Teardown kills every process of that head (its session, its temp dir), also when
-a test fails. ``CXR_KEEP_AUTOSCALE_LOGS=DIR`` keeps a copy of the head's Ray logs in DIR.
+concurrency came from the recipe's ``[resources] autoscale``, which mirrors cluster-local.yaml
+(not from the zero workers it started with); fake GPU nodes were added; every training worker
+ran on one; the sweep finished with its report; the nodes went away after the idle timeout;
+``cxr-ray status`` read the experiment while it ran and after. Teardown kills every process of
+that head (its session, its temp dir), also when a test fails. ``CXR_KEEP_AUTOSCALE_LOGS=DIR``
+keeps a copy of the head's Ray logs in DIR.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from cxr_ray.data import synth
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster-local.yaml"
 GPU_RESOURCE = "gpu_node"
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -57,6 +58,7 @@ pretrained = false
 image_size = 32
 batch_size = 16
 workers = 1
+launcher = "ray_train"   # Ray Train workers are what must land on the fake GPU nodes
 cpus_per_worker = 0.5
 threads = 1
 checkpoint_metric = "test_accuracy"
@@ -81,6 +83,8 @@ policy = ["constant", "triangular"]
 
 [resources]
 max_concurrent_trials = "auto"
+# cluster-local.yaml's worker node types, stated (test_the_recipe_mirrors_cluster_local_yaml)
+autoscale = {{max_workers = 2, gpu = {{max_workers = 2, resources = {{CPU = 1, gpu_node = 1}}}}}}
 """
 
 # Runs as its own Ray driver (the test process may hold another Ray): every second, one JSON
@@ -253,11 +257,12 @@ def fake_cluster():
 def shards(fake_cluster, ray_local, tmp_path_factory) -> Path:
     """The tiny shard set, prepared on the session's local Ray while the head starts (not on
     the fake cluster: Ray Data's own autoscaling would start fake GPU nodes for decoding)."""
-    from cxr_ray import pipeline
+    from cxr_ray.data.prepare import PrepareConfig
+    from cxr_ray.ray_backend import ingest
 
     root = tmp_path_factory.mktemp("autoscale-data")
     synth.write_dataset(root / "data", per_class=20, size=64, seed=0, workers=2)
-    pipeline.prepare(pipeline.PrepareConfig(data=root / "data", out=root / "shards", size=32))
+    ingest.prepare(PrepareConfig(data=root / "data", out=root / "shards", size=32))
     return root / "shards"
 
 
@@ -315,15 +320,28 @@ def _status_json(exp: Path) -> dict:
     return json.loads(buf.getvalue())
 
 
+def test_the_recipe_mirrors_cluster_local_yaml():
+    """The node types the recipe states are cluster-local.yaml's worker types (Ray has no
+    documented API that returns the autoscaler config)."""
+    import tomllib
+
+    stated = tomllib.loads(RECIPE.format(storage="s", shards="s"))["resources"]["autoscale"]
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    workers = {name: {"max_workers": t["max_workers"], "resources": t["resources"]}
+               for name, t in config["available_node_types"].items()
+               if name != config["head_node_type"]}
+    assert stated == {"max_workers": config["max_workers"], **workers}
+
+
 def test_auto_concurrency_is_what_the_autoscaler_can_scale_to(run):
     assert not Watch.gpu_nodes(run["first"])  # it started with zero worker nodes
     # 2 fake GPU nodes at most, one 0.5-CPU trainer counted on each: 2 trials at once,
-    # counted from the autoscaler config, not from the live nodes (zero GPU nodes: 1; the
+    # counted from the stated node types, not from the live nodes (zero GPU nodes: 1; the
     # old rule counted the head's CPUs, where no trainer can run).
     found = re.findall(r"max_concurrent_trials auto: (\d+) .*nodes from (.*)", run["output"])
     assert found, run["output"][-3000:]
     for n, source in found:
-        assert int(n) == 2 and "autoscaler config" in source, (n, source)
+        assert int(n) == 2 and "[resources] autoscale" in source, (n, source)
 
 
 def test_fake_gpu_nodes_were_added_and_ran_every_trainer(run):

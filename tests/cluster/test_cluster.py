@@ -7,7 +7,8 @@ a head that never trains, GPU workers that scale from zero, the local environmen
 node, token authentication everywhere, a dashboard on loopback only, shared storage under the
 recipe's paths. The README's commands are parsed with the real CLIs (Ray's click commands,
 cxr-ray's argparse) and their files, addresses and paths checked against the config and the
-recipe. The README's cost projection is recomputed from the recipe and the real cohort sizes.
+recipe, and the recipe's ``[resources] autoscale`` against the config's node types. The
+README's cost projection is recomputed from the recipe and the real cohort sizes.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import pytest
 import yaml
 
 from cxr_ray import cli
-from cxr_ray.sweep import capacity, recipe as config, driver as sweep
+from cxr_ray.sweep import capacity, plan as sweep, recipe as config
 from cxr_ray.data import cohorts
 from cxr_ray.optim import presets
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 CLUSTER_RECIPE = ROOT / "jobs" / "cluster.toml"
 SECTION = "## Running on a Ray cluster"
@@ -129,15 +130,33 @@ def test_gpu_workers_scale_from_zero_and_back(prepared, recipe):
     assert prepared["provider"]["cache_stopped_nodes"] is False
     gpus = sum(n["max_workers"] * n["resources"]["GPU"] for n in gpu.values())
     assert sum(n["max_workers"] for n in gpu.values()) <= prepared["max_workers"]
-    # as many trials at once as the autoscaler can give GPUs, which is also what
-    # max_concurrent_trials = "auto" computes from this config
+    # as many trials at once as the autoscaler can give GPUs
     per_trial = int(recipe.train.get("workers", 1))
     assert recipe.resources.max_concurrent_trials == gpus // per_trial
-    groups, cap = capacity.groups_from_autoscaler_config(prepared, None)
-    request, workers = capacity.worker_request(recipe.train, recipe.resources.trial_cpus)
-    auto = capacity.trials_at_once(groups, request, workers, data_reserve=sweep.DATA_RESERVE,
-                                   max_worker_nodes=cap)
-    assert auto == recipe.resources.max_concurrent_trials
+
+
+def test_the_recipe_states_the_autoscaler_node_types(prepared, recipe):
+    """jobs/cluster.toml's [resources] autoscale mirrors cluster.yaml (Ray has no documented
+    API that returns the autoscaler config), and "auto" on it gives max_concurrent_trials."""
+    head, gpu = _node_types(prepared)
+    stated = recipe.resources.autoscale
+    assert stated["max_workers"] == prepared["max_workers"]
+    workers = {name: t for name, t in prepared["available_node_types"].items()
+               if name != prepared["head_node_type"]}
+    assert set(workers) == set(gpu) == set(stated) - {"max_workers"}
+    for name, node in workers.items():
+        assert stated[name] == {"max_workers": node["max_workers"],
+                                "resources": node["resources"]}, name
+    request, per_trial = capacity.worker_request(recipe.train, recipe.resources.trial_cpus)
+
+    def auto(groups, cap):
+        return capacity.trials_at_once(groups, request, per_trial,
+                                       data_reserve=0.0, max_worker_nodes=cap)
+
+    # the capacity rule on the stated types plus the head (live there: cluster.yaml's)
+    assert auto(*capacity.groups_from_stated(stated, head["resources"])) == 8
+    assert auto(*capacity.groups_from_autoscaler_config(prepared, None)) == 8
+    assert recipe.resources.max_concurrent_trials == 8
 
 
 def test_every_node_gets_the_local_environment_and_the_project(raw, prepared):
@@ -210,6 +229,7 @@ def test_cluster_recipe_is_the_paper_recipe_plus_worker_resources():
     paper = tomllib.loads((ROOT / "jobs" / "paper.toml").read_text())
     cluster = tomllib.loads(CLUSTER_RECIPE.read_text())
     assert cluster["train"].pop("worker_resources") == {"gpu_node": 0.01}
+    assert set(cluster["resources"].pop("autoscale")) == {"max_workers", "gpu"}
     assert cluster == paper
 
 

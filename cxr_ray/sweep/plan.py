@@ -1,0 +1,140 @@
+"""A sweep recipe turned into trials, without Ray: the study's two-stage protocol.
+
+1. **stage 1**: one trial per cohort (× any ``[stage1_grid]`` axis, e.g. backbone ×
+   optimizer), trained with the study's stage-1 optimizer (docs/study.md §5: SGD with time
+   decay; Hernia Adam); the same trial then runs the **LR range test** from that model, whose
+   suggestion becomes the cohort's CLR bounds (§7);
+2. **stage 2**: cohort × policy (× any ``[grid]`` axis), every trial starting from its
+   cohort's stage-1 checkpoint (fresh optimizer and policy), CLR / one-cycle bounds from the
+   LR range test, the recipe or the study's Table 8 (§6);
+3. ``[comparison]`` trials (e.g. Table 6's backbone × optimizer), then the report.
+
+Run names carry the stage, cohort, policy and axis values (``stage2/Fibrosis__triangular``),
+so ``tensorboard --logdir EXP`` lists every trial side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxr_ray import paths
+from cxr_ray.errors import UserError
+from cxr_ray.sweep.recipe import BOUNDED_POLICIES, Recipe
+
+#: Training keys that change the architecture: a stage-2 axis on one must be a stage-1 axis
+#: too, so every stage-2 trial has a stage-1 model of its kind to start from.
+ARCHITECTURE_KEYS = ("model", "width", "image_size", "dropout")
+
+
+def launcher_of(train: dict[str, Any]) -> str:
+    """``process`` or ``ray_train`` for a sweep trial's training keys: ``auto`` runs a
+    single-rank trial inside its own Tune trial (no Ray Train start-up per trial) and a
+    distributed one as a ``TorchTrainer``."""
+    launcher = train.get("launcher", "auto")
+    if launcher == "auto":
+        return "process" if int(train.get("workers", 1) or 1) == 1 else "ray_train"
+    return launcher
+
+
+@dataclass
+class TrialSpec:
+    """One trial: what it trains and where (plain values: it travels in Tune's config)."""
+
+    stage: str
+    cohort: str
+    run_name: str
+    train: dict[str, Any]
+    """TrainConfig fields (without ``init_from``/``lr_bounds``, resolved in the trial)."""
+    policy: str | None = None
+    axes: dict[str, Any] = field(default_factory=dict)
+    lr_source: str | None = None
+    """Stage 2: ``lr_find``, ``recipe``, ``paper`` or ``preset`` (constant/time decay)."""
+    stage1_run: str | None = None
+    """Stage 2: the stage-1 run it starts from."""
+    lr_find: dict[str, Any] | None = None
+    """Stage 1: the LR range test to run after training (None: none)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialSpec":
+        return cls(**d)
+
+
+def _axis_suffix(axes: dict[str, Any]) -> str:
+    return "".join(f"__{k}-{v}" for k, v in axes.items())
+
+
+def _combinations(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    combos: list[dict[str, Any]] = [{}]
+    for key, values in grid.items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    return combos
+
+
+def plan_trials(recipe: Recipe) -> tuple[list[TrialSpec], list[TrialSpec], list[TrialSpec]]:
+    """Stage-1, stage-2 and comparison trials of a recipe, in a stable order."""
+    shared = {**recipe.train, "shards": str(Path(recipe.experiment.shards).expanduser().resolve())}
+    s1_axes = _combinations(recipe.stage1_grid)
+    s2_grid = {k: v for k, v in recipe.grid.items() if k != "policy"}
+    for key in s2_grid:
+        if key in ARCHITECTURE_KEYS and not set(map(repr, s2_grid[key])) <= set(
+                map(repr, recipe.stage1_grid.get(key, []))):
+            raise UserError(f"{recipe.source}: [grid] {key} changes the model; list the same "
+                            f"values in [stage1_grid] {key} so stage 2 has stage-1 models to "
+                            "start from")
+    stage1, stage2 = [], []
+    lr_cfg = dataclasses.asdict(recipe.lr_find) if recipe.lr_find.enabled else None
+    for cohort in recipe.cohort_names:
+        for axes in s1_axes:
+            spec = TrialSpec(stage="stage1", cohort=cohort, run_name=cohort + _axis_suffix(axes),
+                             train={**shared, **recipe.stage1, **axes, "cohort": cohort},
+                             axes=axes, lr_find=None)
+            stage1.append(spec)
+        for policy_axes in _combinations(s2_grid):
+            # The stage-1 run whose axes agree with this trial's on every shared key.
+            source = next(s for s in stage1 if s.cohort == cohort and all(
+                s.axes.get(k, v) == v for k, v in policy_axes.items()))
+            if lr_cfg is not None and source.lr_find is None:
+                source.lr_find = lr_cfg
+            for policy in recipe.grid["policy"]:
+                bounded = policy in BOUNDED_POLICIES
+                lr_source = recipe.stage2_extra.bounds if bounded else "preset"
+                train = {**shared, **recipe.stage2,
+                         **recipe.stage2_extra.by_cohort.get(cohort, {}), **policy_axes,
+                         "cohort": cohort, "policy": policy}
+                if bounded and lr_source == "paper":
+                    train.setdefault("preset", "paper")
+                stage2.append(TrialSpec(
+                    stage="stage2", cohort=cohort, policy=policy, axes=policy_axes,
+                    run_name=f"{cohort}__{policy}{_axis_suffix(policy_axes)}", train=train,
+                    lr_source=lr_source, stage1_run=source.run_name))
+    comparison = [
+        TrialSpec(stage="comparison", cohort=cohort, run_name=cohort + _axis_suffix(axes),
+                  train={**shared, **recipe.stage1, **recipe.comparison.train, **axes,
+                         "cohort": cohort}, axes=axes)
+        for cohort in recipe.comparison.cohorts
+        for axes in _combinations(recipe.comparison.grid)]
+    return stage1, stage2, comparison
+
+
+def check_recipe(experiment: Path, recipe: Recipe) -> None:
+    stored = experiment / paths.RECIPE_FILE
+    current = json.loads(json.dumps(recipe.to_dict(), default=str))
+    if stored.is_file():
+        before = json.loads(stored.read_text())
+        before.pop("source", None)
+        now = dict(current)
+        now.pop("source", None)
+        if before != now:
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise UserError(f"{experiment} was started with a different recipe (sections "
+                            f"{', '.join(changed)} differ); use a new experiment name, or "
+                            "restore the recipe to resume")
+    else:
+        paths.write_json(stored, current)

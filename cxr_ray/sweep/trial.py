@@ -1,0 +1,101 @@
+"""One sweep trial from its spec to ``trial.json``, whichever launcher trains it.
+
+Idempotent: a finished trial (its ``trial.json``, written last) returns the metrics stored
+there without touching its run; an unfinished one resumes from its last checkpoint (the
+launcher's own resume). So a trial that Tune restarts after a driver kill, or retries after
+a failure (``FailureConfig``), costs only what it had not done.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from cxr_ray import paths
+from cxr_ray.sweep.plan import TrialSpec
+from cxr_ray.train import LrFindSpec, TrainConfig, TrainSummary
+
+log = logging.getLogger(__name__)
+
+
+class Fit(Protocol):
+    """A launcher: train ``config`` as ``storage_path/name`` (resuming), then the LR range
+    test ``lr_find`` if given; the run's summary."""
+
+    def __call__(self, config: TrainConfig, *, storage_path: Path, name: str,
+                 lr_find: LrFindSpec | None) -> TrainSummary: ...
+
+
+def trial_config(spec: TrialSpec, experiment: Path) -> TrainConfig:
+    """The trial's training config: stage 2 starts from its stage-1 run (which must have
+    finished) with the bounds of that run's LR range test when the recipe asks for them."""
+    cfg = dict(spec.train)
+    if spec.stage == "stage2":
+        source = paths.run_dir(experiment, "stage1", str(spec.stage1_run))
+        if not (source / paths.SUMMARY_FILE).is_file():
+            raise RuntimeError(f"stage-1 run {source} has not finished; stage 2 of "
+                               f"{spec.cohort} cannot start")
+        cfg["init_from"] = str(source)
+        if spec.lr_source == "lr_find":
+            cfg["lr_bounds"] = str(paths.lr_find_dir(experiment, str(spec.stage1_run))
+                                   / paths.LR_FIND_FILE)
+    return TrainConfig.from_dict(cfg)
+
+
+def finished_metrics(spec: TrialSpec, experiment: Path) -> dict[str, Any] | None:
+    """The stored metrics of a finished trial, or None."""
+    done = paths.read_json(paths.run_dir(experiment, spec.stage, spec.run_name)
+                           / paths.TRIAL_FILE)
+    return done["metrics"] if done else None
+
+
+def run_trial(spec: TrialSpec, experiment: Path, fit: Fit, *, launcher: str) -> dict[str, Any]:
+    """Train one trial (and its LR range test) with ``fit``; its final metrics."""
+    stored = finished_metrics(spec, experiment)
+    if stored is not None:  # finished before a driver restart: Tune may not have recorded it
+        log.info("%s/%s finished before; not re-run", spec.stage, spec.run_name)
+        return stored
+    t0 = time.perf_counter()
+    config = trial_config(spec, experiment)
+    lr_find = None
+    if spec.lr_find is not None:
+        lr_find = LrFindSpec(out=str(paths.lr_find_dir(experiment, spec.run_name)),
+                             settings=dict(spec.lr_find))
+    summary = fit(config, storage_path=experiment / spec.stage, name=spec.run_name,
+                  lr_find=lr_find)
+    plan = summary.plan or {}
+    step_size_epochs = config.step_size_epochs
+    if spec.stage == "stage2" and step_size_epochs is None:
+        step = (plan.get("policy") or {}).get("step_size")
+        spe = plan.get("steps_per_epoch")
+        step_size_epochs = step / spe if step and spe else None
+    # Where this trial's time went (the report's cost table): wall time of this call, the
+    # Ray Train fits it started, and the train + eval seconds of the epochs it trained.
+    trained = summary.history[summary.resumed_from_epoch:]
+    last = summary.history[-1] if summary.history else {}
+    trial = {
+        "stage": spec.stage, "cohort": spec.cohort, "policy": spec.policy, "axes": spec.axes,
+        "lr_source": spec.lr_source, "stage1_run": spec.stage1_run,
+        "step_size_epochs": step_size_epochs, "status": "finished", "launcher": launcher,
+        "trial_seconds": time.perf_counter() - t0,
+        "fits": int(launcher == "ray_train" and summary.startup_seconds is not None),
+        "epoch_seconds": sum(r.get("epoch_seconds") or 0.0 for r in trained),
+        "startup_seconds": summary.startup_seconds,
+        "teardown_seconds": summary.teardown_seconds,
+        "metrics": {
+            "cohort": spec.cohort, "policy": spec.policy or "", "stage": spec.stage,
+            "epochs": summary.epochs, "compute_seconds": summary.compute_seconds,
+            **{k: v for k, v in last.items() if k.startswith("test_") and v is not None},
+            "best_metric": summary.best_metric if summary.best_metric is not None
+            else math.nan},
+    }
+    if lr_find is not None:
+        found = paths.read_json(Path(lr_find.out) / paths.LR_FIND_FILE) or {}
+        log.info("%s: LR range test suggests base %.3g, max %.3g", spec.run_name,
+                 found.get("base_lr", math.nan), found.get("max_lr", math.nan))
+    paths.write_json(paths.run_dir(experiment, spec.stage, spec.run_name) / paths.TRIAL_FILE,
+                     trial)  # written last: its presence marks a finished trial
+    return trial["metrics"]
