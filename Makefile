@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo-run
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-unit test-fast bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,11 +31,17 @@ demo: $(STAMP)
 	@echo "report:      $(EXP)/report/report.md (plots beside it, every trial in results.csv)"
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(EXP)"
 
+# Unit tests first, with `import ray` made to fail (they must run without Ray), then the
+# integration tests (a local Ray) and the cluster tests (jobs, autoscaling, cluster.yaml).
 test: $(STAMP)
-	$(PY) -m pytest
+	CXR_RAY_BLOCK_RAY=1 $(PY) -m pytest tests/unit
+	$(PY) -m pytest tests/integration tests/cluster
+
+test-unit: $(STAMP)
+	CXR_RAY_BLOCK_RAY=1 $(PY) -m pytest tests/unit
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	CXR_RAY_BLOCK_RAY=1 $(PY) -m pytest tests/unit -m "not slow"
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -239,7 +239,7 @@ def main() -> None:
     table = "\n".join(lines)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     env = (f"{platform.processor() or platform.machine()}, {cores} CPU cores, torch {torch.__version__}, "
-           f"batch {BATCH}, default Keras settings (SPEC §3); load average at the end {load:.2f}")
+           f"batch {BATCH}, default Keras settings (docs/study.md §3); load average at the end {load:.2f}")
     print(f"model: {model_desc}\n{env}\n\n{table}")
 
     if not args.no_write:

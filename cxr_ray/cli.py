@@ -23,7 +23,7 @@ def _add_cohorts(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "cohorts",
         help="print the class table and the 15 cohorts (sizes, patient-wise splits)",
-        description="Read NIH metadata, print the per-class table (SPEC Table 1) and, for each of "
+        description="Read NIH metadata, print the per-class table (the study's Table 1) and, for each of "
         "the 15 cohorts, positives, negatives, train/test images and patients.",
     )
     _metadata_flag(p)

@@ -1,4 +1,4 @@
-"""Binary classification metrics (SPEC §4): accuracy, ROC AUC, sensitivity, specificity.
+"""Binary classification metrics (docs/study.md §4): accuracy, ROC AUC, sensitivity, specificity.
 
 Pure numpy functions of per-image scores and 0/1 labels, so the training loop, the report
 and the tests compute them the same way. Scores are probabilities (``sigmoid(logit)``);

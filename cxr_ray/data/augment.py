@@ -1,4 +1,4 @@
-"""Per-image, Keras-equivalent training augmentation on whole batches (SPEC §3).
+"""Per-image, Keras-equivalent training augmentation on whole batches (docs/study.md §3).
 
 The study trained with Keras::
 

@@ -8,7 +8,7 @@ A cohort is the image set one classifier is trained and tested on:
 * the **one-class** (anomaly) cohort ``OneClass``: 2,800 ``No Finding`` images (inliers,
   0) and 200 images of each disease (anomalies, 1), disjoint across diseases.
 
-Split (SPEC §2, decided): 1:4 test:train **by patient** — no patient has images on both
+Split (docs/study.md §2, decided): 1:4 test:train **by patient** — no patient has images on both
 sides — seeded and reproducible; or the official NIH lists (``train_val_list.txt`` /
 ``test_list.txt``).  Everything here is pure pandas/numpy: no Ray, no torch.
 """

@@ -1,6 +1,6 @@
-"""Model registry: ``create_model(name, ...)`` → backbone + the SPEC §4 head (:mod:`.head`).
+"""Model registry: ``create_model(name, ...)`` → backbone + the docs/study.md §4 head (:mod:`.head`).
 
-Backbones (SPEC §4): ``mobilenet_v1`` (:mod:`.mobilenet_v1`, with a width multiplier),
+Backbones (docs/study.md §4): ``mobilenet_v1`` (:mod:`.mobilenet_v1`, with a width multiplier),
 ``alexnet`` and ``densenet121`` (:mod:`.torchvision_backbones`). Every model takes grayscale
 input as one channel (``in_chans=1``): the first convolution has one input channel, so the data
 moved is not tripled; ImageNet RGB weights are folded into it by summing over the colour axis
@@ -120,7 +120,7 @@ class ModelConfig:
 def create_model(name: str, *, width: float = 1.0, in_chans: int = 1,
                  weights: str | Path | None = None, pretrained: str | bool = "auto",
                  dropout: float = 0.5, head: HeadConfig | None = None) -> CxrClassifier:
-    """Build ``name`` with the SPEC §4 head; returns a :class:`CxrClassifier` (logits ``(N,)``,
+    """Build ``name`` with the docs/study.md §4 head; returns a :class:`CxrClassifier` (logits ``(N,)``,
     ``.penalty()`` for the loss)."""
     return build_model(ModelConfig(name=name, width=width, in_chans=in_chans,
                                    weights=None if weights is None else str(weights),

@@ -1,4 +1,4 @@
-"""The study's classification head (SPEC §4) and its Keras-style penalties, plus the model wrapper.
+"""The study's classification head (docs/study.md §4) and its Keras-style penalties, plus the model wrapper.
 
 Head, the same for every backbone and cohort::
 
@@ -38,7 +38,7 @@ from torch import nn
 
 @dataclass
 class HeadConfig:
-    """The SPEC §4 head and its penalty weights."""
+    """The docs/study.md §4 head and its penalty weights."""
 
     widths: tuple[int, ...] = (250, 50, 10)
     """Hidden dense widths, each followed by BN, linear activation."""

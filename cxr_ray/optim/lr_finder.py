@@ -1,4 +1,4 @@
-"""The LR range test ("LR finder", SPEC §7; Smith 2017; the study's §A6).
+"""The LR range test ("LR finder", docs/study.md §7; Smith 2017; the study's §A6).
 
 Train for a while with the lr growing exponentially every optimizer step from ``min_lr`` to
 ``max_lr``, record the loss, smooth it, stop when it diverges, and read bounds for a cyclical

@@ -1,4 +1,4 @@
-"""Optimizers of the study (SPEC §5): SGD with momentum, Adam, RMSprop.
+"""Optimizers of the study (docs/study.md §5): SGD with momentum, Adam, RMSprop.
 
 The optimizer owns only the update rule. The Keras ``decay`` argument, which the study used
 on every optimizer (Hernia's Adam included), is an lr policy here: ``time_decay`` or any policy

@@ -1,6 +1,6 @@
-"""The study's numbers as data (SPEC §2, §5, §6, §7), so reports can print them side by side.
+"""The study's numbers as data (docs/study.md §2, §5, §6, §7), so reports can print them side by side.
 
-Sources: the paper's Tables 3–8 and its text (SPEC.md restates them). Cohort names
+Sources: the paper's Tables 3–8 and its text (docs/study.md restates them). Cohort names
 use the metadata CSV's spelling (``Pleural_Thickening``) plus ``OneClass`` for the anomaly
 cohort; :func:`canonical_cohort` accepts any case and ``_``/space/``-`` variant.
 

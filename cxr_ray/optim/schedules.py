@@ -1,4 +1,4 @@
-"""Learning-rate policies of the study (SPEC §5–§6), all resumable.
+"""Learning-rate policies of the study (docs/study.md §5–§6), all resumable.
 
 What this module owns
 ---------------------
@@ -192,7 +192,7 @@ def clr_cycle_position(it: int, step_size: float) -> tuple[int, float]:
 
 def clr_lr(it: int, base_lr: float, max_lr: float, step_size: float,
            scale_mode: str = "triangular", gamma: float = 1.0) -> float:
-    """The CLR lr in force at optimizer step ``it`` (SPEC §6; Smith 2017; Keras ``CyclicLR``).
+    """The CLR lr in force at optimizer step ``it`` (docs/study.md §6; Smith 2017; Keras ``CyclicLR``).
 
     ``lr = base_lr + (max_lr - base_lr) * max(0, 1 - x) * scale``; step 0 is ``base_lr``, the
     peak is at ``step_size``, the base again at ``2*step_size``.

@@ -43,7 +43,7 @@ from cxr_ray.errors import UserError
 from cxr_ray.train import checkpoint as ck
 from cxr_ray.train import loop
 from cxr_ray.train import run as runs
-from cxr_ray.train.config import SCORE_METRICS, RunPlan, TrainConfig
+from cxr_ray.train.config import SCORE_METRICS, RunPlan, TrainConfig, cpu_split
 from cxr_ray.train.feed import ArrayFeed
 from cxr_ray.train.lr_find import LrFindSpec
 from cxr_ray.ray_backend.session import ray_session
@@ -62,12 +62,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device = runs.device_for(True)  # one-line error (or the test-only CPU fallback)
 
     def last_checkpoint() -> dict[str, Any] | None:
-        # [2] The checkpoint Ray Train restores after a restart or a driver re-run.
+        # [2] The checkpoint Ray Train restores after a restart or a driver re-run; or a
+        # newer one in the run directory that Ray Train had persisted but not yet registered
+        # when the run was killed (the run's checkpoint files are the source of truth).
+        restored = None
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return ck.load_checkpoint(Path(folder) / paths.CHECKPOINT_FILE)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                restored = ck.load_checkpoint(Path(folder) / paths.CHECKPOINT_FILE)
+        own = ck.latest_readable(Path(plan.run_dir))
+        if own is not None and (restored is None or own["epoch"] > restored["epoch"]):
+            return own
+        return restored
 
     def save(metrics: dict[str, Any], make_checkpoint) -> None:
         # [3] Report the epoch; rank 0 hands Ray Train the checkpoint to persist and prune.
@@ -104,28 +110,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   checkpoint_metric=config["checkpoint_metric"], lr_find=lr_find)
 
 
-def cpu_split(config: TrainConfig, plan: RunPlan) -> tuple[float, int]:
-    """CPUs Ray reserves per worker and torch threads per worker: with ``cpus_per_worker``
-    unset and no GPU the run has the cluster to itself (its CPUs divided among the workers);
-    otherwise (e.g. concurrent sweep trials) threads stay within the reservation."""
-    total = float(ray.cluster_resources().get("CPU", 1))
-    cpus = config.cpus_per_worker or (1.0 if total >= plan.workers or plan.gpu
-                                      else total / plan.workers)
-    if not plan.gpu and plan.workers * cpus > total:
-        raise UserError(f"{plan.workers} workers × {cpus:g} CPUs exceed the cluster's "
-                        f"{total:g} CPUs; lower --workers or --cpus-per-worker")
-    if config.threads:
-        return cpus, config.threads
-    if config.cpus_per_worker is None and not plan.gpu:
-        return cpus, max(1, int(total // plan.workers))
-    return cpus, max(1, int(cpus))
-
-
 def trainer(config: TrainConfig, plan: RunPlan, run_dir: Path, *,
             lr_find: LrFindSpec | None = None, callbacks: list[Any] | None = None
             ) -> TorchTrainer:
     """The ``TorchTrainer`` of a planned run (call inside a Ray session)."""
-    cpus, plan.threads = cpu_split(config, plan)
+    cpus, plan.threads = cpu_split(config, plan.workers, plan.gpu,
+                                   float(ray.cluster_resources().get("CPU", 1)))
     loop_config: dict[str, Any] = {"plan": plan.to_dict(),
                                    "checkpoint_metric": config.checkpoint_metric,
                                    "lr_find": lr_find.__dict__ if lr_find else None}

@@ -30,14 +30,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxr_ray import paths
 from cxr_ray.optim import presets
 
 log = logging.getLogger(__name__)
 
 TRIAL_FILE, HISTORY_FILE, CONFIG_FILE, STEPS_FILE = (
-    "trial.json", "history.jsonl", "config.json", "steps.csv")
-LR_FIND_FILE = "lr_find.json"
-REPORT_DIR = "report"
+    paths.TRIAL_FILE, paths.HISTORY_FILE, paths.CONFIG_FILE, paths.STEPS_FILE)
+LR_FIND_FILE = paths.LR_FIND_FILE
+REPORT_DIR = paths.REPORT_DIR
 METRIC = "test_accuracy"
 
 
@@ -97,12 +98,6 @@ def rank_policies(results: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- reading
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 @dataclass
 class Run:
     """One trial's directory, as the report sees it."""
@@ -123,7 +118,7 @@ def find_runs(experiment: Path) -> list[Run]:
             path=folder,
             trial=json.loads(trial_file.read_text()),
             plan=json.loads(plan_file.read_text()) if plan_file.is_file() else {},
-            history=_read_jsonl(folder / HISTORY_FILE),
+            history=paths.read_jsonl(folder / HISTORY_FILE),
         ))
     return runs
 
@@ -287,12 +282,13 @@ def _epochs_to_target(res: pd.DataFrame) -> str:
 
 def _cost(runs: list[Run], experiment: Path) -> str | None:
     """Where the sweep's time went, per stage: the stage's wall time and concurrency (from the
-    sweep's log), and per trial its wall time, its train + eval seconds and the rest (Ray
-    start-up and tear-down of its TorchTrainer fits, the LR range test of stage 1)."""
+    sweep's log), and per trial its wall time, its train + eval seconds and the rest (reading
+    the data, checkpoints, the LR range test of stage 1, and for Ray Train trials the fit's
+    start-up and tear-down)."""
     timed = [r for r in runs if r.trial.get("trial_seconds") is not None]
     if not timed:
         return None
-    log_rows = _read_jsonl(experiment / "sweep_log.jsonl")
+    log_rows = paths.read_jsonl(experiment / paths.SWEEP_LOG)
     rows = []
     for stage in ("stage1", "stage2", "comparison"):
         mine = [r.trial for r in timed if r.trial.get("stage") == stage]

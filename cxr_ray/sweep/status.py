@@ -28,31 +28,15 @@ from cxr_ray.sweep import report
 from cxr_ray import paths
 from cxr_ray.errors import UserError
 
-STAGES = ("stage1", "stage2", "comparison")
+STAGES = paths.STAGES
 STATES = ("finished", "running", "pending", "failed")
-LR_FIND_DIR = "lr_find"
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # absent, or being replaced
-        return None
+LR_FIND_DIR = paths.LR_FIND_DIR
+_read_json = paths.read_json
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
     """history.jsonl's epochs (a line being written is skipped)."""
-    try:
-        lines = (run_dir / report.HISTORY_FILE).read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+    return paths.read_jsonl(run_dir / paths.HISTORY_FILE)
 
 
 def tune_states(stage_dir: Path) -> dict[str, dict[str, Any]]:

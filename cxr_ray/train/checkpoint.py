@@ -88,6 +88,17 @@ def kept_checkpoints(run_dir: Path) -> dict[int, Path]:
     return dict(sorted(out.items()))
 
 
+def latest_readable(run_dir: Path) -> dict[str, Any] | None:
+    """The newest checkpoint in ``run_dir`` that loads (a copy cut short by a kill is
+    skipped for the one before it), or None."""
+    for epoch, file in sorted(kept_checkpoints(run_dir).items(), reverse=True):
+        try:
+            return load_checkpoint(file)
+        except UserError as exc:
+            log.warning("skipping checkpoint of epoch %d: %s", epoch, exc)
+    return None
+
+
 def best_epoch(history: list[dict[str, Any]], epochs: set[int] | list[int], metric: str,
                mode: str) -> int | None:
     """The epoch among ``epochs`` with the best ``metric`` (the later one on a tie)."""
@@ -126,10 +137,6 @@ class CheckpointStore:
 
     def __init__(self, run_dir: Path, *, keep: int, metric: str, mode: str) -> None:
         self.run_dir, self.keep, self.metric, self.mode = run_dir, keep, metric, mode
-
-    def latest(self) -> Path | None:
-        kept = kept_checkpoints(self.run_dir)
-        return kept[max(kept)] if kept else None
 
     def save(self, ckpt: dict[str, Any]) -> Path:
         epoch = int(ckpt["epoch"])

@@ -353,8 +353,25 @@ def _resolve_policy(c: TrainConfig, paper: bool, stage1: presets.Stage1Recipe,
                         "cxr-ray lr-find)")
     return schedules.PolicyConfig(
         name=name, base_lr=base, max_lr=top, step_size=max(1, round(step_epochs * spe)),
-        gamma=c.gamma, decay=c.decay or 0.0, total_steps=c.epochs * spe,
+        gamma=c.gamma, decay=c.decay or 0.0, total_steps=c.epochs * spe if name == "one_cycle" else None,
         pct_start=c.pct_start).validate()
+
+
+def cpu_split(config: TrainConfig, workers: int, gpu: bool, total: float) -> tuple[float, int]:
+    """CPUs Ray reserves per rank and torch threads per rank on a cluster of ``total`` CPUs:
+    with ``cpus_per_worker`` unset and no GPU the run has the cluster to itself (its CPUs
+    divided among the ranks); otherwise (e.g. concurrent sweep trials) threads stay within
+    the reservation."""
+    cpus = config.cpus_per_worker or (1.0 if total - workers >= 1 or gpu
+                                      else max(0.1, (total - 1) / workers))
+    if not gpu and workers * cpus > total:
+        raise UserError(f"{workers} workers × {cpus:g} CPUs exceed the cluster's {total:g} "
+                        "CPUs; lower --workers or --cpus-per-worker")
+    if config.threads:
+        return cpus, config.threads
+    if config.cpus_per_worker is None and not gpu:
+        return cpus, max(1, int(total // workers))
+    return cpus, max(1, int(cpus))
 
 
 def read_lr_bounds(path: str | Path) -> dict[str, float]:

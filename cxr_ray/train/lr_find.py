@@ -51,25 +51,23 @@ class LrFindSpec:
         return LrRangeConfig(**s).validate()
 
 
-def start_weights(plan: RunPlan, history: list[dict[str, Any]], metric: str,
-                  mode: str) -> dict[str, torch.Tensor] | None:
-    """The state dict of the run's best kept checkpoint (None: the run trained nothing)."""
+def start_checkpoint(plan: RunPlan, history: list[dict[str, Any]], metric: str,
+                     mode: str) -> Path | None:
+    """The run's best kept checkpoint (None: the run trained nothing)."""
     if not plan.run_dir or not history:
         return None
     kept = ck.kept_checkpoints(Path(plan.run_dir))
     best = ck.best_epoch(history, list(kept), metric, mode)
-    if best is None:
-        return None
-    return ck.load_checkpoint(kept[best])["model_state"]
+    return kept[best] if best is not None else None
 
 
 def range_test(plan: RunPlan, ctx: loop.RankContext, model: torch.nn.Module, feed: Feed,
-               spec: LrFindSpec, *, weights: dict[str, torch.Tensor] | None = None
-               ) -> LrRangeResult:
-    """Run the test on this rank (every rank calls it) and, on rank 0, write its files."""
+               spec: LrFindSpec, *, start: Path | None = None) -> LrRangeResult:
+    """Run the test on this rank (every rank calls it) from the weights of checkpoint
+    ``start`` (None: the model as it is) and, on rank 0, write its files."""
     cfg = spec.config(plan)
-    if weights is not None:
-        ck.unwrap(model).load_state_dict(weights)
+    if start is not None:
+        ck.unwrap(model).load_state_dict(ck.load_checkpoint(start)["model_state"])
     optimizer = optimizers.optimizer_from_config(
         model.parameters(), optimizers.OptimizerConfig(**plan.optimizer))
     test = LrRangeTest(cfg)
@@ -96,17 +94,19 @@ def range_test(plan: RunPlan, ctx: loop.RankContext, model: torch.nn.Module, fee
         epoch += 1
     result = test.result()
     if ctx.rank == 0:
-        write_result(result, spec, plan)
+        write_result(result, spec, plan, start)
     return result
 
 
-def write_result(result: LrRangeResult, spec: LrFindSpec, plan: RunPlan) -> dict[str, Any]:
+def write_result(result: LrRangeResult, spec: LrFindSpec, plan: RunPlan,
+                 start: Path | None) -> dict[str, Any]:
     """``lr_find.json`` (with the run it came from), the plot and TensorBoard."""
     from torch.utils.tensorboard import SummaryWriter
 
     out = Path(spec.out)
     data = {**result.to_dict(), "cohort": plan.cohort, "model": plan.model,
             "init_from": plan.init_from, "from_run": plan.run_dir or None,
+            "start_checkpoint": str(start) if start else plan.init_from,
             "batch_size": plan.batch_size, "workers": plan.workers,
             "steps_per_epoch": plan.steps_per_epoch}
     result.plot(out / paths.LR_FIND_PLOT,

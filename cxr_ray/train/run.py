@@ -35,7 +35,7 @@ from cxr_ray.train import checkpoint as ck
 from cxr_ray.train import loop
 from cxr_ray.train.config import SCORE_METRICS, RunPlan, TrainConfig, plan_run
 from cxr_ray.train.feed import ArrayFeed, Feed
-from cxr_ray.train.lr_find import LrFindSpec, range_test, start_weights
+from cxr_ray.train.lr_find import LrFindSpec, range_test, start_checkpoint
 from cxr_ray.train.runlog import format_epoch
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,9 @@ def run_rank(plan: RunPlan, ctx: loop.RankContext, train_feed: Feed, test_feed: 
     model, _, state = loop.train(plan, ctx, train_feed, test_feed)
     if lr_find is None or lr_find.done:
         return
-    weights = start_weights(plan, state.history, checkpoint_metric,
-                            SCORE_METRICS[checkpoint_metric])
-    range_test(plan, ctx, model, train_feed, lr_find, weights=weights)
+    start = start_checkpoint(plan, state.history, checkpoint_metric,
+                             SCORE_METRICS[checkpoint_metric])
+    range_test(plan, ctx, model, train_feed, lr_find, start=start)
 
 
 def finish_run(config: TrainConfig, plan: RunPlan, run_dir: Path, done: int, *, t0: float,
@@ -198,9 +198,6 @@ def fit_in_process(config: TrainConfig, *, storage_path: str | Path, name: str,
         store = ck.CheckpointStore(run_dir, keep=config.keep_checkpoints, metric=metric,
                                    mode=SCORE_METRICS[metric])
 
-        def last() -> dict[str, Any] | None:
-            latest = store.latest()
-            return ck.load_checkpoint(latest) if latest else None
 
         def save(metrics: dict[str, Any], make: Callable[[], dict[str, Any]]) -> None:
             store.save(make())
@@ -210,7 +207,8 @@ def fit_in_process(config: TrainConfig, *, storage_path: str | Path, name: str,
 
         ctx = loop.RankContext(rank=0, world_size=1, device=device_for(plan.gpu),
                                launcher="process", prepare_model=lambda m: m.to(ctx.device),
-                               last_checkpoint=last, save=save)
+                               last_checkpoint=lambda: ck.latest_readable(run_dir),
+                               save=save)
         train_feed, test_feed = (make_feeds or array_feeds)(plan, 0, 1)
         run_rank(plan, ctx, train_feed, test_feed, checkpoint_metric=metric, lr_find=lr_find)
     return finish_run(config, plan, run_dir, done, t0=t0, started=started, launcher="process")

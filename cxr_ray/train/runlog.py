@@ -2,7 +2,7 @@
 
 TensorBoard: one run per training run (``RUN/tensorboard``), with ``train/lr`` and
 ``train/loss`` at every optimizer step and the epoch metrics (``train/*``, ``test/*``,
-``perf/*``) at the step count where their epoch ended, so every chart shares one x axis
+``perf/*``) at their epoch's last optimizer step, so every chart shares one x axis
 (optimizer steps) and a resumed run discards what an interrupted attempt logged past its
 checkpoint with a single ``purge_step``. The hyperparameters go to the HParams tab.
 """
@@ -58,7 +58,8 @@ class RunLog:
         self.write_files()  # truncate what an interrupted attempt wrote past the checkpoint
         paths.append_jsonl(self.dir / paths.ATTEMPTS_FILE, {
             "time": time.time(), "resumed_from_epoch": state.epoch, "step": state.step,
-            "workers": plan["workers"], "launcher": launcher, "pid": os.getpid()})
+            "workers": plan["workers"], "launcher": launcher, "pid": os.getpid(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
 
     def _hparams(self, plan: dict[str, Any]) -> None:
         from torch.utils.tensorboard.summary import hparams
@@ -98,7 +99,7 @@ class RunLog:
         if not self.on:
             return
         self.flush_steps()
-        at = record["step"]
+        at = record["step"] - 1  # the epoch's last step: a resume purges from its checkpoint's
         self.tb.add_scalar("train/epoch", record["epoch"], at)
         for key, value in record.items():
             if isinstance(value, (int, float)) and key not in ("epoch", "step", "time"):

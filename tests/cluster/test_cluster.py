@@ -131,8 +131,8 @@ def test_gpu_workers_scale_from_zero_and_back(prepared, recipe):
     gpus = sum(n["max_workers"] * n["resources"]["GPU"] for n in gpu.values())
     assert sum(n["max_workers"] for n in gpu.values()) <= prepared["max_workers"]
     # as many trials at once as the autoscaler can give GPUs
-    per_trial = int(recipe.train.get("workers", 1))
-    assert recipe.resources.max_concurrent_trials == gpus // per_trial
+    per_trial = int(recipe.train.get("workers", 1)) * float(recipe.train["gpus_per_worker"])
+    assert recipe.resources.max_concurrent_trials == int(gpus // per_trial)  # 4 per GPU
 
 
 def test_the_recipe_states_the_autoscaler_node_types(prepared, recipe):
@@ -154,9 +154,9 @@ def test_the_recipe_states_the_autoscaler_node_types(prepared, recipe):
                                        data_reserve=0.0, max_worker_nodes=cap)
 
     # the capacity rule on the stated types plus the head (live there: cluster.yaml's)
-    assert auto(*capacity.groups_from_stated(stated, head["resources"])) == 8
-    assert auto(*capacity.groups_from_autoscaler_config(prepared, None)) == 8
-    assert recipe.resources.max_concurrent_trials == 8
+    assert auto(*capacity.groups_from_stated(stated, head["resources"])) == 32
+    assert auto(*capacity.groups_from_autoscaler_config(prepared, None)) == 32
+    assert recipe.resources.max_concurrent_trials == 32  # 8 GPU nodes x 4 quarter-GPU trials
 
 
 def test_every_node_gets_the_local_environment_and_the_project(raw, prepared):

@@ -1,4 +1,4 @@
-"""cxr_ray.data.decode + cxr_ray.pipeline: prepare (decode once → shards) and the training stream.
+"""cxr_ray.data.decode + cxr-ray prepare (data/prepare, ray_backend/ingest) (decode once → shards) and the training stream.
 
 Fast tests (no Ray) cover decoding, conversion and the batch transforms; ``slow`` ones
 share the session's local Ray (``ray_local``) and a few dozen 64² synthetic images.
@@ -23,7 +23,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr_ray import pipeline
+from cxr_ray.data import shards as pipeline
+from cxr_ray.data.prepare import PrepareConfig
+from cxr_ray.ray_backend import ingest
+from cxr_ray.train.feed import ArrayFeed
 from cxr_ray.data import augment, cohorts, decode, nih
 from cxr_ray.errors import UserError
 
@@ -233,14 +236,14 @@ def test_open_shards_explains_what_is_wrong(tmp_path):
 
 def test_prepare_refuses_bad_arguments(tmp_path, tiny_synth):
     with pytest.raises(UserError, match="--size"):
-        pipeline.PrepareConfig(data=tiny_synth, out=tmp_path / "o", size=2)
+        PrepareConfig(data=tiny_synth, out=tmp_path / "o", size=2)
     with pytest.raises(UserError, match="no such directory"):
-        pipeline.prepare(pipeline.PrepareConfig(data=tmp_path / "none", out=tmp_path / "o"))
+        ingest.prepare(PrepareConfig(data=tmp_path / "none", out=tmp_path / "o"))
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not a cxr-ray shard set"):
-        pipeline.prepare(pipeline.PrepareConfig(data=tiny_synth, out=busy, size=SIZE))
+        ingest.prepare(PrepareConfig(data=tiny_synth, out=busy, size=SIZE))
 
 
 # =========================================================================== with Ray
@@ -248,7 +251,7 @@ def test_prepare_refuses_bad_arguments(tmp_path, tiny_synth):
 def prepared(tmp_path_factory, tiny_synth, ray_local):
     """A clean prepare of the tiny synthetic set at SIZE² (library call, session Ray)."""
     out = tmp_path_factory.mktemp("shards") / "clean"
-    result = pipeline.prepare(pipeline.PrepareConfig(data=tiny_synth, out=out, size=SIZE))
+    result = ingest.prepare(PrepareConfig(data=tiny_synth, out=out, size=SIZE))
     assert not result.skipped
     return out
 
@@ -284,15 +287,16 @@ def test_prepare_manifest_and_cohort_tables(prepared, tiny_synth):
 
 
 @pytest.mark.slow
-def test_stream_every_image_once_per_epoch_with_labels_and_pixels(prepared, tiny_synth):
+def test_every_image_once_per_epoch_with_labels_and_pixels(prepared, tiny_synth):
     table = pipeline.cohort_table(prepared, "OneClass", "train")
     labels = dict(zip(table["image_id"], table["label"].astype(np.float32)))
     names = dict(zip(table["image_id"], table["image_index"]))
-    ds = pipeline.cohort_dataset(prepared, "OneClass", "train", expect_size=SIZE, seed=3)
+    arrays = pipeline.read_split(pipeline.open_shards(prepared), "OneClass", "train")
+    feed = ArrayFeed(arrays, seed=3, shuffle=True)
     orders = []
     for epoch in range(2):
         seen = []
-        for batch in ds.iter_torch_batches(batch_size=8):
+        for batch in feed.batches(8, epoch):
             assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (SIZE, SIZE)
             x, y = pipeline.train_transform(batch, epoch=epoch, seed=0)
             assert x.shape == (len(y), 1, SIZE, SIZE)
@@ -306,24 +310,20 @@ def test_stream_every_image_once_per_epoch_with_labels_and_pixels(prepared, tiny
     assert orders[0] != orders[1]  # reshuffled every epoch (len > 30: a tie is ~impossible)
 
     test = pipeline.cohort_table(prepared, "Mass", "test")
-    for materialize in (False, True):
-        ds = pipeline.cohort_dataset(prepared, "Mass", "test", materialize=materialize)
-        rows = ds.take_all()
-        assert sorted(r["image_id"] for r in rows) == sorted(test["image_id"])
-        assert {r["image_id"]: r["label"] for r in rows} == dict(zip(test["image_id"], test["label"]))
+    images, ids, labs = pipeline.read_split(pipeline.open_shards(prepared), "Mass", "test")
+    assert sorted(ids) == sorted(test["image_id"])
+    assert dict(zip(ids.tolist(), labs.tolist())) == dict(zip(test["image_id"], test["label"]))
 
 
 @pytest.mark.slow
 def test_rerun_skips_refuses_other_settings_and_checks_size(prepared, tiny_synth):
     before = (prepared / "manifest.json").read_text()
-    again = pipeline.prepare(pipeline.PrepareConfig(data=tiny_synth, out=prepared, size=SIZE))
+    again = ingest.prepare(PrepareConfig(data=tiny_synth, out=prepared, size=SIZE))
     assert again.skipped and (prepared / "manifest.json").read_text() == before
     with pytest.raises(UserError, match=r"other settings \(size 32 → 16"):
-        pipeline.prepare(pipeline.PrepareConfig(data=tiny_synth, out=prepared, size=16))
+        ingest.prepare(PrepareConfig(data=tiny_synth, out=prepared, size=16))
     with pytest.raises(UserError, match="prepared for 32, asked for 64: re-run cxr-ray prepare --size 64"):
         pipeline.open_shards(prepared, expect_size=64)
-    with pytest.raises(UserError, match="prepared for 32"):
-        pipeline.cohort_dataset(prepared, "Mass", "train", expect_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +402,7 @@ def test_bad_files_quarantined_or_converted_and_strict_fails(bad_data, tmp_path,
     fixed = tmp_path / "fixed.png"
     Image.fromarray(np.full((64, 64), 77, np.uint8)).save(fixed)
     os.replace(fixed, data / "images" / cases["empty"])
-    result = pipeline.prepare(pipeline.PrepareConfig(data=data, out=out, size=SIZE))
+    result = ingest.prepare(PrepareConfig(data=data, out=out, size=SIZE))
     assert not result.skipped and result.quarantined == 3
 
 
@@ -467,7 +467,7 @@ def test_killed_prepare_never_looks_complete_and_rerun_finishes(prepared, tiny_s
     with pytest.raises(UserError, match="not a complete shard set"):
         pipeline.open_shards(out)
 
-    result = pipeline.prepare(pipeline.PrepareConfig(data=tiny_synth, out=out, size=SIZE))
+    result = ingest.prepare(PrepareConfig(data=tiny_synth, out=out, size=SIZE))
     assert not result.skipped and not list(out.glob(".staging-*"))
     assert _content(out) == _content(prepared)  # equal to a clean run
 
@@ -477,5 +477,5 @@ def test_killed_prepare_never_looks_complete_and_rerun_finishes(prepared, tiny_s
     _kill_once_writing(proc, out)
     assert (out / "manifest.json").read_text() == before
     assert _content(out) == _content(prepared)
-    again = pipeline.prepare(pipeline.PrepareConfig(data=tiny_synth, out=out, size=SIZE))
+    again = ingest.prepare(PrepareConfig(data=tiny_synth, out=out, size=SIZE))
     assert again.skipped and not list(out.glob(".staging-*"))

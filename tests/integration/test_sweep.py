@@ -1,10 +1,14 @@
 """cxr-ray sweep end to end: 2 cohorts × 2 policies on tiny images in the session's Ray.
 
-One sweep is shared by the module. Its driver is a real ``cxr-ray sweep`` process, killed
-(SIGKILL, like a lost head-node shell) as soon as the first stage-2 trial has finished; the
-same command then resumes it in this process. The tests check the finished experiment: every
-trial ran exactly once, stage 2 started from the stage-1 weights, the report has every trial
-and table, TensorBoard lists every trial.
+Stage 1 trains each cohort as 2-rank DDP under Ray Train (and runs its LR range test in the
+same fit); stage 2 trains in the Tune trials' own processes. One sweep is shared by the
+module. Its driver is a real ``cxr-ray sweep`` process, killed (SIGKILL, like a lost
+head-node shell) once a stage-2 trial has finished and another is part-way through its
+epochs; the same command then resumes it in this process. The tests check the finished
+experiment: every trial ran exactly once, the interrupted in-trial run resumed from its own
+checkpoint with its lr schedule continuous, stage 2 started from the stage-1 weights, the
+report has every trial and table, TensorBoard lists one run per trial, and the driver printed
+cxr-ray's lines, none of Tune's.
 """
 
 from __future__ import annotations
@@ -21,9 +25,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr_ray import cli, pipeline, train
-from cxr_ray.sweep import recipe as config, report, driver as sweep
+from cxr_ray import cli, paths, train
 from cxr_ray.data import synth
+from cxr_ray.data.prepare import PrepareConfig
+from cxr_ray.optim import schedules
+from cxr_ray.ray_backend import ingest
+from cxr_ray.ray_backend import tune as sweep_runner
+from cxr_ray.sweep import plan as sweep
+from cxr_ray.sweep import recipe as config, report
+from cxr_ray.train import loop
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +62,7 @@ keep_checkpoints = 1
 [stage1]
 preset = "paper"
 epochs = 2
+workers = 2              # 2-rank DDP under Ray Train, as in the demo
 
 [lr_find]
 num_steps = 12
@@ -59,8 +70,9 @@ min_lr = 1e-5
 max_lr = 1.0
 
 [stage2]
-epochs = 2
+epochs = 3
 step_size_epochs = 1
+throttle_s = 0.4         # slow enough for the test to kill the driver mid-run
 
 [grid]
 policy = ["constant", "triangular"]
@@ -86,7 +98,7 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | Non
 def tiny_recipe(tmp_path_factory, ray_local) -> Path:
     root = tmp_path_factory.mktemp("sweep")
     synth.write_dataset(root / "data", per_class=40, size=64, seed=0, workers=2)
-    pipeline.prepare(pipeline.PrepareConfig(data=root / "data", out=root / "shards", size=32))
+    ingest.prepare(PrepareConfig(data=root / "data", out=root / "shards", size=32))
     path = root / "tiny.toml"
     path.write_text(RECIPE.format(storage=root / "experiments", shards=root / "shards"))
     return path
@@ -94,7 +106,8 @@ def tiny_recipe(tmp_path_factory, ray_local) -> Path:
 
 @pytest.fixture(scope="module")
 def experiment(tiny_recipe, ray_local) -> dict:
-    """The sweep, killed after its first stage-2 trial and resumed; what each step saw."""
+    """The sweep, killed once a stage-2 trial has finished and another is part-way through,
+    then resumed; what each step saw."""
     recipe = config.load_recipe(tiny_recipe)
     exp = recipe.experiment_dir
     env = {**os.environ, "RAY_ADDRESS": ray_local, "PYTHONUNBUFFERED": "1"}
@@ -102,19 +115,24 @@ def experiment(tiny_recipe, ray_local) -> dict:
         [sys.executable, "-m", "cxr_ray.cli", "sweep", "--config", str(tiny_recipe)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
+    def part_way() -> list[Path]:
+        return [run for run in (exp / "stage2").glob("*") if not (run / paths.TRIAL_FILE).exists()
+                and 1 <= len(paths.read_jsonl(run / paths.HISTORY_FILE)) < 3]
+
     try:
-        _wait_for(lambda: any((exp / "stage2").glob(f"*/{report.TRIAL_FILE}")), 900,
-                  "the first finished stage-2 trial", proc)
+        _wait_for(lambda: any((exp / "stage2").glob(f"*/{report.TRIAL_FILE}")) and part_way(),
+                  900, "a finished stage-2 trial and one part-way through", proc)
+        interrupted = part_way()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and anything it started
         proc.wait()
     driver_log = proc.stdout.read()
     finished = {p.parent for p in exp.glob(f"*/*/{report.TRIAL_FILE}")}
-    before = {run: (run / train.SUMMARY_FILE).stat().st_mtime_ns for run in finished}
-    report_path = sweep.run_sweep(config.load_recipe(tiny_recipe), resume=True,
-                                  address=ray_local)
+    before = {run: (run / paths.SUMMARY_FILE).stat().st_mtime_ns for run in finished}
+    report_path = sweep_runner.run_sweep(config.load_recipe(tiny_recipe), resume=True,
+                                         address=ray_local)
     return {"dir": exp, "finished_before_kill": before, "report": report_path,
-            "recipe": recipe, "driver_log": driver_log}
+            "recipe": recipe, "driver_log": driver_log, "interrupted": interrupted}
 
 
 def _rows(exp: Path) -> list[dict]:
@@ -129,19 +147,51 @@ def test_every_trial_ran_exactly_once_across_the_kill(experiment):
     runs = [exp / s.stage / s.run_name for s in stage1 + stage2]
     for run in runs:
         assert (run / report.TRIAL_FILE).is_file(), run
-        history = [json.loads(x) for x in (run / train.HISTORY_FILE).read_text().splitlines()]
-        assert [r["epoch"] for r in history] == [1, 2], run
+        history = paths.read_jsonl(run / paths.HISTORY_FILE)
+        assert [r["epoch"] for r in history] == [1, 2, 3][:len(history)], run
+        assert len(history) == (2 if run.parent.name == "stage1" else 3), run
     # the driver logs one line per finished trial
     assert "stage1 2/2 finished" in experiment["driver_log"], experiment["driver_log"][-2000:]
     before = experiment["finished_before_kill"]
     assert any(run.parent.name == "stage2" for run in before)  # killed in stage 2
     for run, mtime in before.items():  # a finished trial is not trained again on resume
-        assert (run / train.SUMMARY_FILE).stat().st_mtime_ns == mtime, run
-        assert len((run / train.ATTEMPTS_FILE).read_text().splitlines()) == 1, run
-    for cohort in COHORTS:  # one LR range test per cohort, from its stage-1 model
+        assert (run / paths.SUMMARY_FILE).stat().st_mtime_ns == mtime, run
+        assert len(paths.read_jsonl(run / paths.ATTEMPTS_FILE)) == 1, run
+    for cohort in COHORTS:  # one LR range test per cohort, from its stage-1 model, same fit
         data = json.loads((exp / "lr_find" / cohort / "lr_find.json").read_text())
         assert data["cohort"] == cohort and 0 < data["base_lr"] < data["max_lr"]
-        assert Path(data["init_from"]).parent.parent == exp / "stage1" / cohort
+        assert Path(data["start_checkpoint"]).parent.parent == exp / "stage1" / cohort
+        assert data["workers"] == 2  # the loss averaged over both DDP ranks
+        attempts = paths.read_jsonl(exp / "stage1" / cohort / paths.ATTEMPTS_FILE)
+        assert [a["launcher"] for a in attempts] == ["ray_train"]
+    trials = [json.loads((r / paths.TRIAL_FILE).read_text()) for r in runs]
+    assert {t["launcher"] for t in trials if t["stage"] == "stage2"} == {"process"}
+    assert sum(t["fits"] for t in trials) == 2  # one Ray Train fit per stage-1 cohort
+
+
+def test_an_interrupted_in_trial_run_resumed_from_its_own_checkpoint(experiment):
+    assert experiment["interrupted"], "the driver was not killed mid-run"
+    for run in experiment["interrupted"]:
+        attempts = paths.read_jsonl(run / paths.ATTEMPTS_FILE)
+        assert [a["launcher"] for a in attempts] == ["process"] * len(attempts)
+        assert len(attempts) >= 2 and attempts[-1]["resumed_from_epoch"] >= 1, attempts
+        plan = json.loads((run / paths.CONFIG_FILE).read_text())
+        policy = schedules.PolicyConfig.from_dict(plan["policy"])
+        with open(run / paths.STEPS_FILE) as fh:
+            rows = list(csv.DictReader(fh))
+        total = 3 * plan["steps_per_epoch"]
+        assert [int(r["step"]) for r in rows] == list(range(total))  # no step twice or lost
+        assert all(float(r["lr"]) == pytest.approx(schedules.lr_at(policy, int(r["step"])),
+                                                   rel=1e-12) for r in rows)
+
+
+def test_the_driver_prints_cxr_ray_lines_not_tune_tables(experiment):
+    log = experiment["driver_log"]
+    assert "stage1: 2 trials" in log and "stage1 2/2 finished" in log, log[-3000:]
+    assert "stage2 1/4 finished" in log, log[-3000:]
+    for noise in ("tensorboard --logdir /tmp", "Trial status", "View detailed results",
+                  "╭", "Current time:", "Logical resource usage"):
+        assert noise not in log, noise
 
 
 def test_stage2_starts_from_the_stage1_weights_with_the_found_bounds(experiment):
@@ -151,9 +201,9 @@ def test_stage2_starts_from_the_stage1_weights_with_the_found_bounds(experiment)
         bounds = json.loads((exp / "lr_find" / cohort / "lr_find.json").read_text())
         for policy in POLICIES:
             run = exp / "stage2" / f"{cohort}__{policy}"
-            plan = train.RunPlan.from_dict(json.loads((run / train.CONFIG_FILE).read_text()))
+            plan = train.RunPlan.from_dict(json.loads((run / paths.CONFIG_FILE).read_text()))
             assert Path(plan.init_from).parent.parent == exp / "stage1" / cohort
-            start = train.initial_model(plan).state_dict()  # what every worker starts from
+            start = loop.initial_model(plan).state_dict()  # what every worker starts from
             assert all(torch.equal(start[k], s1[k]) for k in s1)
             if policy == "triangular":
                 assert plan.policy["base_lr"] == pytest.approx(bounds["base_lr"])
@@ -161,9 +211,9 @@ def test_stage2_starts_from_the_stage1_weights_with_the_found_bounds(experiment)
             # and it trained from there: the final weights moved, but stay nearer stage 1
             # than a fresh initialisation of the same model is
             end = train.load_checkpoint(train.find_checkpoint(run))["model_state"]
-            fresh = train.initial_model(train.RunPlan.from_dict(
+            fresh = loop.initial_model(train.RunPlan.from_dict(
                 {**plan.to_dict(), "init_from": None})).state_dict()
-            w = [k for k, _ in train.initial_model(plan).named_parameters()]  # no BN stats
+            w = [k for k, _ in loop.initial_model(plan).named_parameters()]  # no BN stats
             dist = lambda a, b: sum(float((a[k] - b[k]).pow(2).sum()) for k in w)  # noqa: E731
             assert 0 < dist(end, s1) < dist(fresh, s1)
 
@@ -176,7 +226,8 @@ def test_report_has_every_trial_table_and_plot(experiment):
         ("stage2", c, p) for c in COHORTS for p in POLICIES}
     for r in rows:
         assert 0 <= float(r["final_accuracy"]) <= 1 and float(r["compute_seconds"]) > 0
-        assert int(r["epochs"]) == 2 and int(r["images_processed"]) > 0
+        assert int(r["epochs"]) == (2 if r["stage"] == "stage1" else 3)
+        assert int(r["images_processed"]) > 0
     text = experiment["report"].read_text()
     for heading in ("Table 5", "Table 7", "Table 8", "Best policy", "Where the time went"):
         assert heading in text, heading
@@ -194,12 +245,13 @@ def test_tensorboard_lists_every_trial_by_stage_cohort_policy(experiment):
     mux = pem.EventMultiplexer().AddRunsFromDirectory(str(exp))
     mux.Reload()
     runs = set(mux.Runs())
-    for cohort in COHORTS:
-        assert f"stage1/{cohort}/tensorboard/epochs" in runs
-        assert f"lr_find/{cohort}/tensorboard" in runs
-        for policy in POLICIES:
-            assert f"stage2/{cohort}__{policy}/tensorboard/steps" in runs
-            assert "test/accuracy" in str(mux.Runs()[f"stage2/{cohort}__{policy}/tensorboard/epochs"])
+    expected = {f"stage1/{c}/tensorboard" for c in COHORTS} | {
+        f"lr_find/{c}/tensorboard" for c in COHORTS} | {
+        f"stage2/{c}__{p}/tensorboard" for c in COHORTS for p in POLICIES}
+    assert runs == expected  # one run per trial (and per range test), nothing of Tune's
+    for run in expected - {f"lr_find/{c}/tensorboard" for c in COHORTS}:
+        tags = str(mux.Runs()[run])
+        assert "test/accuracy" in tags and "train/lr" in tags, run
 
 
 def test_report_command_rebuilds_the_report(experiment, capsys):
@@ -213,7 +265,7 @@ def test_report_command_rebuilds_the_report(experiment, capsys):
 def test_sweep_errors_are_one_line(tiny_recipe, tmp_path, capsys):
     # a changed recipe for an existing experiment is refused, naming what changed
     changed = tmp_path / "changed.toml"
-    changed.write_text(tiny_recipe.read_text().replace("epochs = 2\nstep_size", "epochs = 3\nstep_size"))
+    changed.write_text(tiny_recipe.read_text().replace("epochs = 3\nstep_size", "epochs = 4\nstep_size"))
     assert cli.main(["sweep", "--config", str(changed)]) == 2
     err = capsys.readouterr().err
     assert "different recipe" in err and "stage2" in err and len(err.strip().splitlines()) == 1

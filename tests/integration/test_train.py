@@ -1,4 +1,5 @@
-"""cxr-ray train / lr-find end to end on a tiny model, tiny images and the session's local Ray.
+"""cxr-ray train / lr-find under Ray Train (DDP) end to end on a tiny model, tiny images and
+the session's local Ray; and the two launchers against each other.
 
 One prepared shard set (synthetic, 32 px) and one trained 2-worker run are shared by the
 module; the kill/resume, stage-2 and lr-find tests start their own (short) runs. The bad-input
@@ -20,8 +21,12 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from cxr_ray import cli, metrics, models, pipeline, train
+from cxr_ray import cli, metrics, models, paths, train
 from cxr_ray.data import augment, decode, synth
+from cxr_ray.data import shards as pipeline
+from cxr_ray.data.prepare import PrepareConfig
+from cxr_ray.ray_backend import ingest, train_launcher
+from cxr_ray.train import checkpoint as ck
 from cxr_ray.optim import schedules
 from cxr_ray.errors import UserError
 
@@ -38,7 +43,7 @@ def shards(tmp_path_factory, ray_local):
     """A shard set at 32 px: 150 synthetic images per class (Cardiomegaly: 253 train / 63 test)."""
     root = tmp_path_factory.mktemp("train")
     synth.write_dataset(root / "data", per_class=150, size=64, seed=0, workers=2)
-    pipeline.prepare(pipeline.PrepareConfig(data=root / "data", out=root / "shards", size=32))
+    ingest.prepare(PrepareConfig(data=root / "data", out=root / "shards", size=32))
     return root / "shards"
 
 
@@ -52,7 +57,7 @@ def trained(shards, tmp_path_factory, ray_local):
     that it learns in few steps: 16 per epoch)."""
     config = _config(shards, **STAGE1)
     runs = tmp_path_factory.mktemp("runs")
-    return train.fit(config, storage_path=runs, name="stage1")
+    return train_launcher.fit(config, storage_path=runs, name="stage1")
 
 
 def _history(run: Path) -> list[dict]:
@@ -118,7 +123,7 @@ def test_two_workers_learn_and_cover_the_whole_test_split(trained, shards):
 @pytest.mark.slow
 def test_metrics_equal_a_direct_evaluation_of_the_saved_model(trained, shards):
     run = Path(trained.run_dir)
-    ckpt = train.load_checkpoint(Path(trained.last_checkpoint) / train.CHECKPOINT_FILE)
+    ckpt = train.load_checkpoint(Path(trained.last_checkpoint) / paths.CHECKPOINT_FILE)
     assert ckpt["epoch"] == 8 and ckpt["step"] == 8 * trained.plan["steps_per_epoch"]
     model = models.build_model(models.ModelConfig(**ckpt["model"]))
     model.load_state_dict(ckpt["model_state"])
@@ -141,25 +146,27 @@ def test_lr_of_every_step_is_the_policy_formula_and_tensorboard_has_it(trained):
     assert plan["policy"]["step_size"] == round(1.5 * plan["steps_per_epoch"])
     _assert_schedule_continuous(run, plan)
 
-    steps = _scalars(run / "tensorboard" / "steps")
+    steps = _scalars(run / "tensorboard")  # one TensorBoard run per training run
     policy = schedules.PolicyConfig.from_dict(plan["policy"])
     lrs = steps["train/lr"]
     assert [s for s, _ in lrs] == list(range(8 * plan["steps_per_epoch"]))
     assert all(v == pytest.approx(schedules.lr_at(policy, s), rel=1e-6) for s, v in lrs)
     assert len(steps["train/loss"]) == len(lrs)
-    epochs = _scalars(run / "tensorboard" / "epochs")
+    epochs = steps
     history = trained.history
+    ends = [r["step"] - 1 for r in history]  # epoch metrics sit at the epoch's last step
+    assert [v for _, v in epochs["train/epoch"]] == list(range(1, 9))
     for tag, key in (("test/accuracy", "test_accuracy"), ("test/auc", "test_auc"),
-                     ("test/loss", "test_loss"), ("train/loss", "train_loss"),
+                     ("test/loss", "test_loss"), ("train/accuracy", "train_accuracy"),
                      ("test/sensitivity", "test_sensitivity"),
                      ("perf/images_per_s", "images_per_s")):
-        assert [s for s, _ in epochs[tag]] == list(range(1, 9)), tag
+        assert [s for s, _ in epochs[tag]] == ends, tag
         assert [v for _, v in epochs[tag]] == pytest.approx([r[key] for r in history], rel=1e-5)
     # The run's hyperparameters (HParams plugin) sit next to the epoch scalars.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    acc = EventAccumulator(str(run / "tensorboard" / "epochs"))
+    acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     hp = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
@@ -178,8 +185,8 @@ def test_checkpoints_best_and_latest_in_the_documented_format(trained):
     ckpt = torch.load(run / kept[-1] / "checkpoint.pt", weights_only=True)
     assert ckpt["format"] == "cxr-ray-checkpoint" and ckpt["model_name"] == "mobilenet_v1"
     assert set(ckpt) >= {"model", "cohort", "image_size", "model_state", "optimizer",
-                         "scheduler", "epoch", "step", "history", "steps", "plan"}
-    assert ckpt["scheduler"]["last_epoch"] == ckpt["step"]
+                         "epoch", "step", "history", "steps", "plan"}
+    assert "scheduler" not in ckpt and ckpt["format_version"] == 2  # the loop owns the step
     assert len(ckpt["steps"]["lr"]) == ckpt["step"] and len(ckpt["history"]) == 8
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_checkpoint"] == trained.best_checkpoint
@@ -187,29 +194,17 @@ def test_checkpoints_best_and_latest_in_the_documented_format(trained):
 
 @pytest.mark.slow
 def test_rerun_of_a_finished_run_resumes_without_training(trained, shards):
-    again = train.fit(_config(shards, **STAGE1), storage_path=Path(trained.run_dir).parent,
-                      name="stage1")
+    again = train_launcher.fit(_config(shards, **STAGE1),
+                               storage_path=Path(trained.run_dir).parent, name="stage1")
     assert again.resumed_from_epoch == 8 and again.history == trained.history
     assert again.images == 0
 
 
 # --------------------------------------------------------------------------- failures
-def _actors_pids(class_name: str) -> list[int]:
-    """PIDs of the alive actors of a class, from Ray's GCS actor table (no dashboard needed)."""
-    from ray._private import state
-
-    return [a["Pid"] for a in state.actors().values()
-            if a["ActorClassName"] == class_name and a["State"] == "ALIVE" and a["Pid"]]
-
-
 def _snapshot_epoch(run: Path) -> int:
-    """Epoch of the latest checkpoint Ray Train has registered (0: none yet)."""
-    try:
-        snap = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return 0
-    latest = snap.get("latest_checkpoint_result") or {}
-    return int((latest.get("metrics") or {}).get("epoch", 0))
+    """Epochs in history.jsonl: rank 0 writes it after ray.train.report has persisted the
+    epoch's checkpoint."""
+    return len(paths.read_jsonl(run / paths.HISTORY_FILE))
 
 
 def _fit_in_thread(config: train.TrainConfig, runs: Path, name: str) -> dict:
@@ -217,7 +212,7 @@ def _fit_in_thread(config: train.TrainConfig, runs: Path, name: str) -> dict:
 
     def run() -> None:
         try:
-            box["summary"] = train.fit(config, storage_path=runs, name=name)
+            box["summary"] = train_launcher.fit(config, storage_path=runs, name=name)
         except BaseException as exc:  # noqa: BLE001 - handed to the test
             box["error"] = exc
 
@@ -227,15 +222,14 @@ def _fit_in_thread(config: train.TrainConfig, runs: Path, name: str) -> dict:
 
 
 def _kill_a_worker_after(run: Path, epoch: int, box: dict, timeout: float = 180) -> None:
-    """Once Ray Train has registered the checkpoint of ``epoch``, SIGKILL a training worker."""
+    """Once the checkpoint of ``epoch`` is written, SIGKILL rank 0 of the current attempt
+    (its pid is in attempts.jsonl: only this run's worker, whatever else runs here)."""
     deadline = time.monotonic() + timeout
     while _snapshot_epoch(run) < epoch:
         assert box["thread"].is_alive(), box.get("error")
         assert time.monotonic() < deadline, f"no checkpoint of epoch {epoch} in {timeout} s"
         time.sleep(0.1)
-    pids = _actors_pids("RayTrainWorker")
-    assert pids, "no alive RayTrainWorker"
-    os.kill(pids[-1], signal.SIGKILL)
+    os.kill(paths.read_jsonl(run / paths.ATTEMPTS_FILE)[-1]["pid"], signal.SIGKILL)  # rank 0
 
 
 @pytest.mark.slow
@@ -265,36 +259,18 @@ def test_killed_worker_interrupts_then_rerun_and_restart_resume_exactly(shards, 
     assert attempts[1]["resumed_from_epoch"] == done
     assert attempts[2]["resumed_from_epoch"] >= done + 1
     _assert_schedule_continuous(run, summary.plan)
-    lrs = _scalars(run / "tensorboard" / "steps")["train/lr"]
-    assert [s for s, _ in lrs] == list(range(4 * summary.plan["steps_per_epoch"]))
-    assert [s for s, _ in _scalars(run / "tensorboard" / "epochs")["test/accuracy"]] == [1, 2, 3, 4]
-
-
-# --------------------------------------------------------------------------- stage 2, lr-find
-def test_initial_model_takes_the_stage1_weights(tmp_path):
-    model = models.create_model("mobilenet_v1", width=0.25, pretrained=False)
-    path = tmp_path / "checkpoint.pt"
-    torch.save({"format": train.CHECKPOINT_FORMAT, "format_version": train.CHECKPOINT_VERSION,
-                "model_name": "mobilenet_v1", "model": {"width": 0.25},
-                "model_state": model.state_dict()}, path)
-    plan = train.RunPlan(
-        cohort=COHORT, shards="", image_size=32, optimizer={}, policy={}, epochs=1,
-        model={"name": "mobilenet_v1", "width": 0.25, "in_chans": 1, "dropout": 0.5,
-               "weights": None, "pretrained": False},
-        batch_size=4, worker_batch=4, workers=1, steps_per_epoch=1, train_images=4,
-        test_images=1, seed=123, augment=True, amp=None, threads=1, gpu=False,
-        init_from=str(path), log_every=1)
-    loaded = train.initial_model(plan).state_dict()
-    for key, value in model.state_dict().items():
-        assert torch.equal(loaded[key], value), key
+    tb = _scalars(run / "tensorboard")
+    assert [s for s, _ in tb["train/lr"]] == list(range(4 * summary.plan["steps_per_epoch"]))
+    assert [v for _, v in tb["train/epoch"]] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
 def test_lr_find_then_stage2_with_the_found_bounds(trained, shards, tmp_path):
     out = tmp_path / "lr"
-    found = train.lr_find(_config(shards, epochs=1, optimizer="sgd",
-                                  init_from=trained.run_dir), out=out,
-                          num_steps=30, min_lr=1e-5, max_lr=0.02)
+    found = train_launcher.lr_find(
+        _config(shards, epochs=1, optimizer="sgd", init_from=trained.run_dir),
+        train.LrFindSpec(out=str(out), settings={"num_steps": 30, "min_lr": 1e-5,
+                                                 "max_lr": 0.02}))
     data = json.loads((out / "lr_find.json").read_text())
     assert data["max_lr"] == found["max_lr"] and data["base_lr"] == pytest.approx(
         data["max_lr"] / 4)
@@ -303,7 +279,7 @@ def test_lr_find_then_stage2_with_the_found_bounds(trained, shards, tmp_path):
     assert (out / "lr_find.png").stat().st_size > 0
     assert len(_scalars(out / "tensorboard")["lr_find/loss"]) == len(data["lrs"])
 
-    stage2 = train.fit(_config(shards, epochs=1, optimizer="sgd", policy="triangular", lr_bounds=str(
+    stage2 = train_launcher.fit(_config(shards, epochs=1, optimizer="sgd", policy="triangular", lr_bounds=str(
         out / "lr_find.json"), init_from=trained.run_dir, augment=False),
         storage_path=tmp_path, name="stage2")
     plan = stage2.plan
@@ -316,7 +292,7 @@ def test_lr_find_then_stage2_with_the_found_bounds(trained, shards, tmp_path):
     # still within a few % of them (a fresh init is ~140 % away), with a fresh optimizer.
     before = torch.load(data["init_from"], weights_only=True)["model_state"]
     after = train.load_checkpoint(Path(stage2.last_checkpoint) / "checkpoint.pt")
-    assert after["scheduler"]["last_epoch"] == after["step"] == plan["steps_per_epoch"]
+    assert after["step"] == plan["steps_per_epoch"]
     fresh = models.create_model("mobilenet_v1", width=0.25, pretrained=False).state_dict()
     keys = [k for k in before if k.endswith("weight") and before[k].dim() == 4]
 
@@ -339,7 +315,7 @@ def fake_run(shards, tmp_path_factory):
     """A stage-1 'run directory' holding one checkpoint of a (width 0.25) mobilenet_v1."""
     run = tmp_path_factory.mktemp("fake") / "run"
     (run / "checkpoint_epoch_0001").mkdir(parents=True)
-    torch.save({"format": train.CHECKPOINT_FORMAT, "format_version": train.CHECKPOINT_VERSION,
+    torch.save({"format": ck.CHECKPOINT_FORMAT, "format_version": ck.CHECKPOINT_VERSION,
                 "model_name": "mobilenet_v1", "model": {"width": 0.25}, "cohort": COHORT,
                 "model_state": {}}, run / "checkpoint_epoch_0001" / "checkpoint.pt")
     return run
@@ -386,33 +362,37 @@ def test_bad_inputs_are_one_line_errors(capsys, shards, fake_run, tmp_path):
     plan = train.plan_run(_config(shards, epochs=1, policy="constant", base_lr=0.1), run)
     (run / "config.json").write_text(json.dumps(plan.to_dict()))
     err = _cli_error(capsys, "train", "--shards", str(shards), "--cohort", COHORT, "--out",
-                     str(run), "--width", "0.25", "--policy", "constant", "--lr", "0.2")
+                     str(run), "--width", "0.25", "--policy", "constant", "--base-lr", "0.2")
     assert "other settings" in err and "0.1" in err and "0.2" in err
 
 
-def test_train_config_round_trips_and_names_bad_keys():
-    shards = Path("unused")
-    config = _config(shards, epochs=3, policy="triangular2", base_lr=0.01, max_lr=0.04)
-    assert train.TrainConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(UserError, match="epoch"):
-        train.TrainConfig.from_dict({"epoch": 3})
-    with pytest.raises(UserError, match="keep_checkpoints"):
-        _config(shards, keep_checkpoints=0).validate()
-    with pytest.raises(UserError, match="checkpoint_metric"):
-        _config(shards, checkpoint_metric="f1").validate()
-
-
+# --------------------------------------------------------------------------- two launchers
 @pytest.mark.slow
-def test_plan_uses_the_study_tables(shards):
-    plan = train.plan_run(train.TrainConfig(shards=str(shards), cohort="hernia", workers=2,
-                                            pretrained=False, epochs=3))
-    assert plan.cohort == "Hernia" and plan.batch_size == 4 and plan.worker_batch == 2
-    assert plan.optimizer["name"] == "adam" and plan.optimizer["momentum"] == 0.9
-    assert plan.policy["name"] == "time_decay" and plan.policy["base_lr"] == 0.01
-    assert plan.policy["decay"] == 0.0001
-    ptx = train.plan_run(train.TrainConfig(shards=str(shards), cohort="Pneumothorax",
-                                           policy="triangular", pretrained=False))
-    assert (ptx.policy["base_lr"], ptx.policy["max_lr"]) == (0.0075, 0.03)  # Table 8
-    assert ptx.policy["step_size"] == 2 * ptx.steps_per_epoch and ptx.batch_size == 32
-    assert train.steps_per_epoch(253, 2, 8) == 16  # 126 rows per worker: 15 batches of 8 + 6
-    assert train.steps_per_epoch(17, 1, 8) == 2  # the last batch of 1 is dropped
+def test_both_launchers_write_the_same_run(shards, tmp_path, ray_local):
+    """One seed trained under Ray Train (one worker) and in this process: the same lr and
+    loss at every step, the same epochs, TensorBoard tags and checkpoint layout."""
+    import dataclasses
+
+    config = _config(shards, workers=1, epochs=2, optimizer="adam", policy="triangular",
+                     base_lr=0.001, max_lr=0.004, step_size_epochs=1, cpus_per_worker=1,
+                     keep_checkpoints=1)
+    ray_run = train_launcher.fit(config, storage_path=tmp_path, name="ray_train")
+    own = train.fit_in_process(dataclasses.replace(config, launcher="process"),
+                               storage_path=tmp_path, name="process")
+    a, b = _steps(Path(ray_run.run_dir)), _steps(Path(own.run_dir))
+    assert len(a) == len(b) == 2 * ray_run.plan["steps_per_epoch"]
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    assert [float(r["loss"]) for r in a] == pytest.approx([float(r["loss"]) for r in b],
+                                                          rel=1e-5)
+    for x, y in zip(ray_run.history, own.history):
+        for key in ("step", "train_loss", "test_loss", "test_accuracy", "test_auc"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5), key
+    assert set(_scalars(Path(ray_run.run_dir) / "tensorboard")) == set(
+        _scalars(Path(own.run_dir) / "tensorboard"))
+    kept = [sorted(p.name for p in Path(s.run_dir).glob("checkpoint_epoch_*"))
+            for s in (ray_run, own)]
+    assert kept[0] == kept[1] and "checkpoint_epoch_0002" in kept[0]
+    launchers = [paths.read_jsonl(Path(s.run_dir) / paths.ATTEMPTS_FILE)[0]["launcher"]
+                 for s in (ray_run, own)]
+    assert launchers == ["ray_train", "process"]
+    assert (ray_run.launcher, own.launcher) == ("ray_train", "process")

@@ -39,7 +39,7 @@ def test_paper_preset_uses_table_2_negatives(real_meta):
     summary = cohorts.summarize(built)
     for disease, n in PAPER_NEGATIVES.items():
         assert summary[disease]["negatives"] == n
-    # The study's train/test sizes (SPEC §2) within a few images of rounding.
+    # The study's train/test sizes (docs/study.md §2) within a few images of rounding.
     for disease, (train, test) in {"Atelectasis": (18847, 4712), "Infiltration": (31915, 7979),
                                    "Hernia": (381, 96), "Pneumonia": (2344, 587)}.items():
         assert abs(summary[disease]["train"] - train) <= 2

@@ -1,4 +1,4 @@
-"""Backbones + the SPEC §4 head: shapes, gradients, parameter counts, penalties, weight loading."""
+"""Backbones + the docs/study.md §4 head: shapes, gradients, parameter counts, penalties, weight loading."""
 
 from __future__ import annotations
 

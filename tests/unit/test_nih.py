@@ -9,7 +9,7 @@ import pytest
 from cxr_ray.data import nih
 from cxr_ray.errors import UserError
 
-# SPEC §1, Table 1: images per class, exact label only / label anywhere.
+# docs/study.md §1, Table 1: images per class, exact label only / label anywhere.
 TABLE_1 = {
     "No Finding": (60361, 60361), "Atelectasis": (4215, 11559), "Cardiomegaly": (1093, 2776),
     "Consolidation": (1310, 4667), "Edema": (628, 2303), "Emphysema": (892, 2516),

@@ -48,7 +48,7 @@ def test_build_optimizer_errors():
         build_optimizer(_params(), "sgd", lr=0.0)
 
 
-# SPEC §5 / Table 4, written out again here on purpose
+# docs/study.md §5 / Table 4, written out again here on purpose
 TABLE4 = {
     "Atelectasis": (0.01, 0.001), "Cardiomegaly": (0.1, 0.0005), "Consolidation": (0.05, 0.0005),
     "Edema": (0.01, 0.0005), "Emphysema": (0.01, 0.0005), "Effusion": (0.01, 0.001),
