@@ -2,9 +2,11 @@
 
 Train for a while with the lr growing exponentially every optimizer step from ``min_lr`` to
 ``max_lr``, record the loss, smooth it, stop when it diverges, and read bounds for a cyclical
-policy off the curve. The model and optimizer are left exactly as they were.
+policy off the curve.
 
-Pieces, so a distributed loop can reuse the core (its Ray Train wiring lives elsewhere):
+This module holds the pieces; the range test itself runs in
+:func:`cxr_ray.train.lr_find.range_test`, in the process or Ray Train fit that trained the model
+(the trained run is left untouched):
 
 * :class:`LrRangeTest` — the ramp and the bookkeeping: ``lr_at(i)`` gives the lr of step ``i``;
   after the step, ``record(i, loss)`` stores the (globally averaged) loss and answers "stop?".
@@ -19,27 +21,21 @@ Pieces, so a distributed loop can reuse the core (its Ray Train wiring lives els
   Every rule gives ``max_lr``; ``base_lr = base_fraction × max_lr`` (the study: 1/4). As fastai
   does, the first 10 % of the points and the last 5 are left out before applying a rule (the
   start is dominated by smoothing warm-up, the end by divergence).
-* :func:`run_lr_range_test` — a single-process driver returning :class:`LrRangeResult`
-  (``to_json()``, ``plot(path)``).
+* :class:`LrRangeResult` — the curve and the suggestions (``to_json()``, ``plot(path)``).
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cxr_ray.errors import UserError
-
-log = logging.getLogger(__name__)
 
 #: Suggestion rules :func:`suggest` knows.
 RULES = ("paper", "steepest", "valley")
@@ -277,71 +273,3 @@ class LrRangeResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
         return path
-
-
-# --------------------------------------------------------------------------- driver
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for g in optimizer.param_groups:
-        g["lr"] = lr * float(g.get("lr_scale", 1.0))
-
-
-def _batches_forever(batches: Iterable[Any]):
-    """Cycle a re-iterable (list, DataLoader); a one-shot iterator simply ends."""
-    while True:
-        it = iter(batches)
-        empty = True
-        for b in it:
-            empty = False
-            yield b
-        if empty or it is batches:
-            return
-
-
-def run_lr_range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      batches: Iterable[Any], loss_fn: Callable[[Any, Any], torch.Tensor], *,
-                      min_lr: float = 1e-7, max_lr: float = 1.0, num_steps: int = 100,
-                      smoothing: float = 0.98, diverge_factor: float = 4.0, rule: str = "paper",
-                      base_fraction: float = 0.25, config: LrRangeConfig | None = None,
-                      device: torch.device | str | None = None) -> LrRangeResult:
-    """Run an LR range test in this process and restore ``model`` and ``optimizer`` afterwards.
-
-    ``batches`` yields ``(inputs, targets)``; a list or DataLoader is cycled until ``num_steps``
-    steps are done, a one-shot iterator ends the test when exhausted. ``loss_fn(outputs,
-    targets)`` returns the loss to minimise (add ``model.penalty()`` inside it to include the
-    head's penalties). ``config`` replaces the keyword settings when given.
-
-    The model's and optimizer's ``state_dict()`` are deep-copied first and loaded back at the
-    end (also on error), so weights, BN statistics, optimizer state and lrs are bitwise as before.
-    """
-    cfg = config or LrRangeConfig(min_lr=min_lr, max_lr=max_lr, num_steps=num_steps,
-                                  smoothing=smoothing, diverge_factor=diverge_factor, rule=rule,
-                                  base_fraction=base_fraction)
-    test = LrRangeTest(cfg)
-    model_state = copy.deepcopy(model.state_dict())
-    opt_state = copy.deepcopy(optimizer.state_dict())
-    was_training = model.training
-    model.train()
-    try:
-        stream = _batches_forever(batches)
-        for i in range(cfg.num_steps):
-            try:
-                inputs, targets = next(stream)
-            except StopIteration:
-                test.stop_reason = f"ran out of batches after {i} steps"
-                log.warning("LR range test: %s", test.stop_reason)
-                break
-            if device is not None:
-                inputs, targets = inputs.to(device), targets.to(device)
-            _set_lr(optimizer, test.lr_at(i))
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(inputs), targets)
-            loss.backward()
-            optimizer.step()
-            if test.record(i, loss.item()):
-                break
-        log.info("LR range test: %d steps, %s", len(test.lrs), test.stop_reason)
-        return test.result()
-    finally:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(opt_state)
-        model.train(was_training)

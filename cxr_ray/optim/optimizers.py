@@ -3,7 +3,6 @@
 The optimizer owns only the update rule. The Keras ``decay`` argument, which the study used
 on every optimizer (Hernia's Adam included), is an lr policy here: ``time_decay`` or any policy
 with ``PolicyConfig.decay`` (see :mod:`cxr_ray.optim.schedules`), stepped once per optimizer step.
-:func:`stage1_setup` puts the two together for a cohort from Table 4.
 
 Defaults follow Keras where the study relied on them: SGD momentum 0.9 (Table 4), Adam
 ``betas=(0.9, 0.999)`` (Table 4's "momentum 0.9" for Hernia is beta1), ``eps=1e-7`` for Adam and
@@ -12,17 +11,13 @@ RMSprop, RMSprop ``rho=0.9`` and momentum 0 (torch's RMSprop defaults are alpha 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from cxr_ray.errors import UserError
-from cxr_ray.optim.presets import TABLE4_MOMENTUM, stage1_policy, stage1_recipe
-from cxr_ray.optim.schedules import PolicyConfig, PolicyLR
-
-log = logging.getLogger(__name__)
+from cxr_ray.optim.presets import TABLE4_MOMENTUM
 
 #: Optimizer names :func:`build_optimizer` accepts.
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
@@ -78,17 +73,3 @@ def optimizer_from_config(params: Iterable[torch.nn.Parameter] | Iterable[dict],
     m = 0.0 if cfg.momentum is None else cfg.momentum
     return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rho, eps=cfg.eps, momentum=m,
                                weight_decay=cfg.weight_decay)
-
-
-def stage1_setup(params: Iterable[torch.nn.Parameter] | Iterable[dict], cohort: str
-                 ) -> tuple[torch.optim.Optimizer, PolicyLR]:
-    """Table 4 for ``cohort``: its optimizer (momentum 0.9) and its time-decay scheduler.
-
-    The scheduler has set the lr of step 0; step it once per optimizer step.
-    """
-    recipe = stage1_recipe(cohort)
-    opt = build_optimizer(params, recipe.optimizer, lr=recipe.lr0, momentum=TABLE4_MOMENTUM)
-    policy: PolicyConfig = stage1_policy(cohort)
-    log.debug("stage 1 %s: %s lr0=%g decay=%g", cohort, recipe.optimizer, recipe.lr0,
-              recipe.decay)
-    return opt, PolicyLR(opt, policy)

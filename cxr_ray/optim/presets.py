@@ -4,8 +4,10 @@ Sources: the paper's Tables 3–8 and its text (docs/study.md restates them). Co
 use the metadata CSV's spelling (``Pleural_Thickening``) plus ``OneClass`` for the anomaly
 cohort; :func:`canonical_cohort` accepts any case and ``_``/space/``-`` variant.
 
-Nothing here trains anything; :func:`stage1_recipe` and :func:`clr_recipe` turn table rows into
-the inputs of :func:`cxr_ray.optim.optimizers.build_optimizer` and :class:`cxr_ray.optim.schedules.PolicyConfig`.
+Nothing here trains anything; :func:`stage1_recipe` and :func:`stage1_policy` turn Table 4 rows
+into the inputs of :func:`cxr_ray.optim.optimizers.build_optimizer` and
+:class:`cxr_ray.optim.schedules.PolicyConfig`; ``cxr_ray.train.config`` reads :data:`TABLE8_CLR`
+for the CLR policies.
 """
 
 from __future__ import annotations
@@ -188,23 +190,6 @@ TABLE8_CLR: dict[str, ClrRow] = {
 
 #: §A7: the one-class model after CLR (triangular, 0.025–0.1, step size 2, 32 epochs).
 ONE_CLASS_CLR = ClrRow("triangular", 2, 32, 0.1, 0.025, None, None, 83.01)
-
-
-def clr_recipe(cohort: str, steps_per_epoch: int, *, decay: float = 0.0) -> PolicyConfig:
-    """Table 8's policy for a cohort with the step size converted to optimizer steps.
-
-    ``decay`` composes Keras time decay on top (the study's SGD kept its ``decay``; pass the
-    Table 4 value to reproduce that, or 0 for plain CLR).
-    """
-    c = canonical_cohort(cohort)
-    row = ONE_CLASS_CLR if c == ONE_CLASS else TABLE8_CLR.get(c)
-    if row is None:
-        raise UserError(f"the study reports no CLR run for {c}; cohorts with one: "
-                        f"{', '.join([*TABLE8_CLR, ONE_CLASS])}")
-    if steps_per_epoch < 1:
-        raise UserError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    return PolicyConfig(name=row.policy, base_lr=row.base_lr, max_lr=row.max_lr,
-                        step_size=round(row.step_size_epochs * steps_per_epoch), decay=decay)
 
 
 # --------------------------------------------------------------------------- headlines

@@ -1,4 +1,4 @@
-"""Learning-rate policies of the study (docs/study.md §5–§6), all resumable.
+"""Learning-rate policies of the study (docs/study.md §5–§6), all resumable from a step count.
 
 What this module owns
 ---------------------
@@ -8,20 +8,20 @@ What this module owns
   semantics) and :func:`lr_at` / :func:`momentum_at`, which evaluate a whole
   :class:`PolicyConfig`.
 * :class:`PolicyLR`, one ``torch.optim.lr_scheduler.LRScheduler`` subclass that applies any
-  policy in closed form. Its state is plain numbers and strings, so ``state_dict()`` survives
-  ``torch.save`` / ``torch.load(weights_only=True)`` and a restored scheduler continues exactly,
-  mid-cycle included (no lambdas that vanish from state, unlike ``LambdaLR`` / ``CyclicLR`` with
-  a plain function).
-* :func:`build_scheduler` (the factory by name) and :func:`policy_lrs` (a preview, used by
-  ``cxr-ray schedule``).
+  policy in closed form. The lr depends on nothing but the config and the step, so a run resumes
+  exactly, mid-cycle included, from the step count its checkpoint holds (no lambdas or
+  scheduler state to restore, unlike ``LambdaLR`` / ``CyclicLR``).
+* :func:`policy_lrs` (a preview, used by ``cxr-ray schedule``).
 
 The step-counter rule (timm style: the training loop owns the counter)
 -----------------------------------------------------------------------
 ``it`` counts optimizer steps, starting at 0.
 
 * Constructing :class:`PolicyLR` sets every param group's lr to the lr for step 0.
-* After each ``optimizer.step()`` the loop calls ``scheduler.step()`` (or ``scheduler.step(it)``
-  with the index of the *next* step), which sets the lr for the next step.
+* Before every ``optimizer.step()`` the training loop (:mod:`cxr_ray.train.loop`) calls
+  ``policy.step(it)`` with its own step counter, which sets the lr of step ``it``; a checkpoint
+  holds only that counter. (``step()`` without an index advances by one, for simple loops that
+  call it after each ``optimizer.step()``.)
 * "The lr in force at step i" (i = 0..N-1) is ``lr_at(config, i)``: what ``cxr-ray schedule
   --json`` prints and what :func:`policy_lrs` returns.
 
@@ -54,7 +54,6 @@ default, which would rewrite RMSprop's momentum and Adam's beta1).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +64,9 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from cxr_ray.errors import UserError
 
-log = logging.getLogger(__name__)
-
 #: The CLR family: ``clr_lr`` scale modes.
 CLR_POLICIES = ("triangular", "triangular2", "exp_range", "modified_triangular2")
-#: Every policy name :func:`build_scheduler` accepts.
+#: Every policy name :class:`PolicyConfig` accepts.
 POLICIES = ("constant", "time_decay", *CLR_POLICIES, "one_cycle")
 
 
@@ -286,16 +283,16 @@ def policy_lrs(config: PolicyConfig, steps: int) -> list[float]:
 class PolicyLR(LRScheduler):
     """Applies a :class:`PolicyConfig` to an optimizer, in closed form, once per optimizer step.
 
-    Step-counter rule: construction sets the lr for step 0; call :meth:`step` after every
-    ``optimizer.step()`` to set the lr for the next step (``step(it)`` jumps to step ``it``).
-    ``last_epoch`` is the index of the step whose lr is in force.
+    Step-counter rule: the loop owns the step. Construction sets the lr of step 0; ``step(it)``
+    sets the lr of step ``it`` (the training loop calls it with its counter before every
+    optimizer step); ``step()`` advances by one. ``last_epoch`` is the index of the step whose
+    lr is in force.
 
     Param groups: every group gets ``lr_at(config, it) * group.get("lr_scale", 1.0)``, so a
     group can run at a fixed fraction of the policy (e.g. a backbone at 0.1x).
 
-    State: ``state_dict()`` holds the step counter and the config as plain values (safe for
-    ``torch.load(weights_only=True)``); ``load_state_dict`` restores both and re-applies the lr,
-    so a fresh optimizer + scheduler continue exactly where the saved ones were.
+    Resume: no scheduler state is saved; a fresh ``PolicyLR`` on the restored optimizer, stepped
+    with the saved step count, continues exactly where the saved run was.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, config: PolicyConfig) -> None:
@@ -334,36 +331,6 @@ class PolicyLR(LRScheduler):
                 else:
                     group["momentum"] = momentum
         self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain-value state: the step counter and the policy config."""
-        return {
-            "last_epoch": int(self.last_epoch),
-            "_step_count": int(self._step_count),
-            "config": self.config.to_dict(),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the step counter and the config, and set the optimizer's lr accordingly."""
-        saved = PolicyConfig.from_dict(dict(state_dict["config"])).validate()
-        if saved != self.config:
-            log.warning("lr policy restored from the checkpoint (%s) replaces the configured one "
-                        "(%s)", saved, self.config)
-        self.config = saved
-        self.last_epoch = int(state_dict["last_epoch"])
-        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
-        self._apply()
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, config: PolicyConfig | None = None,
-                    **fields: Any) -> PolicyLR:
-    """The factory by name: ``build_scheduler(opt, PolicyConfig(...))`` or
-    ``build_scheduler(opt, name="triangular", base_lr=..., max_lr=..., step_size=...)``."""
-    if config is None:
-        config = PolicyConfig.from_dict(fields)
-    elif fields:
-        config = dataclasses.replace(config, **fields)
-    return PolicyLR(optimizer, config)
 
 
 # --------------------------------------------------------------------------- preview
