@@ -173,7 +173,7 @@ def eval_transform(batch: dict[str, Any], *,
 def read_split(shards: Shards, cohort: str, split: str
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One cohort split read in this process: uint8 images (n, H, W), image ids, float32
-    labels (the columns of :func:`cxr_ray.pipeline.cohort_dataset`, in shard order)."""
+    labels, in the shards' scan order (the order :mod:`cxr_ray.ray_backend.data_feed` matches)."""
     table = cohort_table(shards, cohort, split)
     ids = table["image_id"].to_numpy(np.int64)
     data = pads.dataset(str(shards.images_dir), format="parquet").to_table(

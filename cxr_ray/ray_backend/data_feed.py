@@ -17,17 +17,16 @@ the Ray Train workers call it in the rank's process):
 * test (:class:`~cxr_ray.train.feed.ArrayFeed`): the small, never augmented test split read
   once in the rank's process.
 
-Where the Ray Data tasks run: inside a Tune trial (``launcher = "process"``) they run in the
-trial's placement group, whose extra ``data_cpus`` bundle holds them
-(:func:`cxr_ray.ray_backend.tune.trial_resources`), and each dataset's
-``execution_options.resource_limits`` is set to the CPUs of that group this process does not
-hold (the ``data_cpus`` of the config: :class:`~cxr_ray.train.config.RunPlan` does not carry
-it, the placement group does); under Ray Train they are not captured by the worker group's
-placement group and spread over the cluster's CPUs with Ray Data's default limits.
+Where its Ray Data tasks run: in a Tune trial, in the trial's placement group (its extra
+``data_cpus`` bundle, :func:`cxr_ray.ray_backend.tune.trial_resources`), each dataset limited
+by ``execution_options.resource_limits`` to the group's CPUs that the trial's own process
+does not hold (``data_cpus`` is not in :class:`~cxr_ray.train.config.RunPlan`; the group
+carries it); under Ray Train, spread over the cluster's CPUs with Ray Data's default limits.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -36,9 +35,11 @@ import pyarrow.dataset as pads
 import ray
 import ray.data
 import torch
-from ray.data import FileShuffleConfig
+from ray.data import DataContext, FileShuffleConfig
 from ray.data.expressions import col
-from ray.util import get_current_placement_group
+from ray.util.annotations import RayDeprecationWarning
+from ray.util.placement_group import PlacementGroup, get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cxr_ray.data import decode
 from cxr_ray.data import shards as shard_io
@@ -94,21 +95,59 @@ def _stream_batch(batch: pa.Table, *, ids: np.ndarray, labels: np.ndarray,
             "image_id": image_ids.astype(np.int64), "label": labels[where]}
 
 
-def captured_data_cpus() -> float | None:
-    """CPUs of this process's placement group that it does not hold itself, when the group
-    captures the tasks it starts (a Tune trial: its ``data_cpus`` bundle); None otherwise
-    (Ray Train workers, a driver: Ray Data's tasks go to the cluster)."""
+def trial_group() -> tuple[PlacementGroup, float] | None:
+    """``(placement group, CPUs of it this process does not hold)`` when this process's
+    placement group captures the tasks it starts (a Tune trial: the CPUs are its
+    ``data_cpus`` bundle); None otherwise (Ray Train workers, a driver)."""
     context = ray.get_runtime_context()
     group = get_current_placement_group()
     if group is None or not context.should_capture_child_tasks_in_placement_group:
         return None
     total = sum(float(bundle.get("CPU", 0.0)) for bundle in group.bundle_specs)
-    return max(0.0, total - float(context.get_assigned_resources().get("CPU", 0.0)))
+    return group, total - float(context.get_assigned_resources().get("CPU", 0.0))
 
 
 def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """A 32-bit seed for one of the epoch's random streams (0: files, 1: shuffle buffer)."""
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
+
+
+def _read_parquet(path: str, *, seed: int,
+                  group: PlacementGroup | None) -> "ray.data.Dataset":
+    """``ray.data.read_parquet(path)`` with the files in a seeded order, through Ray Data's
+    V1 Parquet reader, and with ``group`` every task of the dataset scheduled in that
+    placement group.
+
+    ``read_parquet`` takes both settings from the current ``DataContext`` (and copies it for
+    the dataset), so they are set on it for this one call and restored after it:
+
+    * ``use_datasource_v2 = False``: the V2 reader starts 32 footer-reader actors (32 Python
+      worker processes) every time a dataset is executed, i.e. every epoch here: 3-6 s an
+      epoch against 0.3 s for V1 on 2 CPUs (both push the column selection and the id
+      filter into the scan);
+    * ``scheduling_strategy``: Ray Data schedules its tasks "SPREAD", which Ray does not
+      capture into the caller's placement group, so in a Tune trial whose group holds the
+      last free CPUs they would wait forever. The field is deprecated in Ray 2.60 (removal
+      announced for 2027) and has no replacement for placement groups yet.
+    """
+    current = DataContext.get_current()
+    saved = (current.use_datasource_v2, current.scheduling_strategy,
+             current.scheduling_strategy_large_args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        try:
+            current.use_datasource_v2 = False
+            if group is not None:
+                strategy = PlacementGroupSchedulingStrategy(
+                    group, placement_group_capture_child_tasks=True)
+                current.scheduling_strategy = strategy
+                current.scheduling_strategy_large_args = strategy
+            return ray.data.read_parquet(
+                path, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=False))
+        finally:
+            if group is not None:
+                current.scheduling_strategy, current.scheduling_strategy_large_args = saved[1:]
+            current.use_datasource_v2 = saved[0]
 
 
 class RayDataFeed:
@@ -124,10 +163,12 @@ class RayDataFeed:
         order = np.argsort(self.ids)
         self._sorted_ids, self._sorted_labels = self.ids[order], self.labels[order]
         self.cfg = AugmentConfig() if plan.augment else AugmentConfig.none()
-        self.data_cpus = captured_data_cpus()
-        if self.data_cpus is not None and self.data_cpus <= 0:
-            raise UserError("augment_on = 'ray_data' in a placement group without CPUs for Ray "
-                            "Data (the trial's data_cpus bundle): its tasks would never start")
+        trial = trial_group()
+        self.group, self.data_cpus = trial if trial else (None, None)
+        if self.data_cpus is not None and self.data_cpus < 1:
+            raise UserError(f"augment_on = 'ray_data' in a trial with {self.data_cpus:g} CPUs "
+                            "for Ray Data (data_cpus): its tasks take one CPU each and would "
+                            "never start; set data_cpus >= 1")
 
     def __len__(self) -> int:
         return len(self.ids) // self.world
@@ -142,38 +183,28 @@ class RayDataFeed:
         """The epoch's Ray Dataset: ``image`` float32 (1, H, W), ``image_id``, ``label``."""
         wanted = np.sort(self.rows(epoch))
         labels = self._sorted_labels[np.searchsorted(self._sorted_ids, wanted)]
-        task_cpus = min(1.0, self.data_cpus) if self.data_cpus is not None else None
-        ds = (ray.data.read_parquet(
-                  str(self.shards.images_dir), num_cpus=task_cpus,
-                  shuffle=FileShuffleConfig(seed=_epoch_seed(self.plan.seed, epoch, 0),
-                                            reseed_after_execution=False))
+        ds = (_read_parquet(str(self.shards.images_dir), group=self.group,
+                            seed=_epoch_seed(self.plan.seed, epoch, 0))
               .select_columns(["image_id", "pixels"])
               .filter(expr=col("image_id").is_in(wanted.tolist())))  # pushed into the scan
-        ds = ds.map_batches(_stream_batch, batch_format="pyarrow", num_cpus=task_cpus,
+        ds = ds.map_batches(_stream_batch, batch_format="pyarrow",
                             fn_kwargs={"ids": wanted, "labels": labels,
                                        "size": self.shards.size})
         ds = ds.map_batches(AugmentBatch(self.cfg, seed=self.plan.seed, epoch=epoch,
-                                         output_dtype="float32"),
-                            batch_format="numpy", num_cpus=task_cpus)
+                                         output_dtype="float32"), batch_format="numpy")
         context = ds.context  # this dataset's own copy of the DataContext
         context.enable_progress_bars = False
         context.print_on_execution_start = False
-        context.execution_options.preserve_order = True
+        context.execution_options.preserve_order = True  # reproducible batches
         if self.data_cpus is not None:
             limits = context.execution_options.resource_limits
             context.execution_options.resource_limits = limits.copy(cpu=self.data_cpus)
-            import warnings
-            from ray.util.annotations import RayDeprecationWarning
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-            strategy = PlacementGroupSchedulingStrategy(get_current_placement_group(), placement_group_capture_child_tasks=True)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RayDeprecationWarning)
-                context.scheduling_strategy = strategy
-                context.scheduling_strategy_large_args = strategy
         return ds
 
     def batches(self, batch_size: int, epoch: int, *,
                 pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """The rank's rows of ``epoch``, augmented, in batches of ``batch_size`` (the last
+        one shorter): ``image`` float32 (n, 1, H, W), ``image_id`` int64, ``label`` float32."""
         n = len(self)
         for batch in self.dataset(epoch).iter_torch_batches(
                 batch_size=batch_size, device="cpu",

@@ -168,6 +168,9 @@ class TrainConfig:
             raise bad("gpus_per_worker", f"{self.gpus_per_worker:g} with workers = "
                       f"{self.workers}: DDP ranks need a whole GPU each (NCCL refuses two "
                       "ranks on one device); use 1, or workers = 1 to share GPUs")
+        if self.augment_on == "ray_data" and self.data_cpus < 1:
+            raise bad("data_cpus", f"{self.data_cpus:g}: every Ray Data task needs a whole "
+                      "CPU; give 1 or more")
         if self.gpus_per_worker > 1:
             raise bad("gpus_per_worker", f"{self.gpus_per_worker:g}: one rank uses one GPU; "
                       "give a share <= 1")
