@@ -24,12 +24,14 @@ EXP    := $(DEMO)/experiments/demo
 # policies: stage 1, LR range tests, stage 2) with Ray Tune -> report. Re-running resumes:
 # synth and prepare skip complete outputs, the sweep skips finished trials.
 demo: $(STAMP)
-	$(CXR) synth --out $(DEMO)/data --per-class 150 --size 256
-	$(CXR) prepare --data $(DEMO)/data --out $(DEMO)/shards --size 48
-	$(CXR) sweep --config jobs/demo.toml
-	@sed -n '/^## Policy ranking/,/^## Epochs/p' $(EXP)/report/report.md | sed '$$d'
-	@echo "report:      $(EXP)/report/report.md (plots beside it, every trial in results.csv)"
-	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(EXP)"
+	@start=$$(date +%s); set -e; \
+	$(CXR) synth --out $(DEMO)/data --per-class 150 --size 256; \
+	$(CXR) prepare --data $(DEMO)/data --out $(DEMO)/shards --size 48; \
+	$(CXR) sweep --config jobs/demo.toml; \
+	sed -n '/^## Policy ranking/,/^## Epochs/p' $(EXP)/report/report.md | sed '$$d'; \
+	echo "report:      $(EXP)/report/report.md (plots beside it, every trial in results.csv)"; \
+	echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(EXP)"; \
+	echo "make demo: $$(( $$(date +%s) - start )) s wall time (after installation)"
 
 # Unit tests first, with `import ray` made to fail (they must run without Ray), then the
 # integration tests (a local Ray) and the cluster tests (jobs, autoscaling, cluster.yaml).

@@ -2,27 +2,11 @@
 output, check what the decode wrote, and publish a complete shard set atomically. The decode
 itself runs as Ray Data tasks (:mod:`cxr_ray.ray_backend.ingest` passes it in).
 
-Owns the shard layout and its manifest, the quarantine list, atomic publishing, the Ray
-session of the ``prepare`` command, and the per-cohort Ray Dataset that training reads.
+Owns the manifest, the quarantine list, the lock and atomic publishing.
 Decoding itself (formats, grey conversion, resize) lives in :mod:`cxr_ray.data.decode`;
 cohorts in :mod:`cxr_ray.data.cohorts`; augmentation in :mod:`cxr_ray.data.augment`.
 
-Shard layout (``SHARDS`` = ``--out``)::
-
-    SHARDS/manifest.json                written last: present ⇔ the set is complete
-    SHARDS/quarantine.csv               image_index,reason: every listed image not written
-    SHARDS/images/part-00000.parquet …  one row per written image (each decoded once)
-    SHARDS/cohorts/<Cohort>.parquet     image_index, image_id, patient_id, split, label
-    SHARDS/.lock                        flock held while a prepare runs
-    SHARDS/.staging-<pid>-<hex>/        a run in progress (cleaned by the next run)
-
-Image shard columns: ``image_index`` (string), ``image_id`` (int64, see
-:func:`cxr_ray.data.decode.image_id`), ``patient_id`` (int64), the 15 label columns named as in
-:data:`cxr_ray.data.nih.LABELS` (bool), ``pixels`` (``fixed_size_binary[size*size]``: the
-row-major uint8 ``size × size`` image — a flat binary column rather than a tensor
-extension type, because it round-trips through any Parquet reader, ray#27116), ``reason``
-(always null here: the rows of the quarantine partition carry it), ``source_mode``,
-``source_width``, ``source_height`` (what the file was).
+The shard layout and its columns are described in :mod:`cxr_ray.data.shards`.
 
 How ``prepare`` works: the driver reads the metadata, builds the 15 cohorts (pure
 pandas), and finds every listed file on disk (one directory walk, which also counts the
@@ -53,7 +37,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import secrets
 import shutil

@@ -170,14 +170,14 @@ def eval_transform(batch: dict[str, Any], *,
 
 
 
-def read_split(shards: Shards, cohort: str, split: str
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One cohort split read in this process: uint8 images (n, H, W), image ids, float32
-    labels, in the shards' scan order (the order :mod:`cxr_ray.ray_backend.data_feed` matches)."""
+def scan_split(shards: Shards, cohort: str, split: str, columns: list[str]
+               ) -> tuple[pa.Table, np.ndarray]:
+    """``columns`` (with ``image_id``) of one cohort split's rows of the image shards, in the
+    shards' scan order, checked complete; and their float32 labels in the same order."""
     table = cohort_table(shards, cohort, split)
     ids = table["image_id"].to_numpy(np.int64)
     data = pads.dataset(str(shards.images_dir), format="parquet").to_table(
-        columns=["image_id", "pixels"], filter=pads.field("image_id").isin(pa.array(ids)))
+        columns=columns, filter=pads.field("image_id").isin(pa.array(ids)))
     got = data.column("image_id").to_numpy()
     order = np.argsort(ids)
     where = order[np.searchsorted(ids, got, sorter=order).clip(0, len(ids) - 1)]
@@ -185,5 +185,13 @@ def read_split(shards: Shards, cohort: str, split: str
         raise UserError(f"{shards.root}: the {cohort} {split} split lists {len(ids)} images, "
                         f"the shards hold {len(set(got) & set(ids))} of them; re-run "
                         f"cxr-ray prepare --force --out {shards.root}")
+    return data, table["label"].to_numpy(np.float32)[where]
+
+
+def read_split(shards: Shards, cohort: str, split: str
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One cohort split read in this process: uint8 images (n, H, W), image ids, float32
+    labels, in the shards' scan order (:func:`scan_split`)."""
+    data, labels = scan_split(shards, cohort, split, ["image_id", "pixels"])
     images = decode.pixels_to_numpy(data.column("pixels"), shards.size)
-    return images, got.astype(np.int64), table["label"].to_numpy(np.float32)[where]
+    return images, data.column("image_id").to_numpy().astype(np.int64), labels

@@ -31,7 +31,6 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import ray
 import ray.data
 import torch
@@ -66,18 +65,8 @@ def split_index(sh: shard_io.Shards, cohort: str, split: str) -> tuple[np.ndarra
     """``(image ids, labels)`` of a cohort split in the row order of
     :func:`~cxr_ray.data.shards.read_split` (the shards' scan order, which
     :func:`~cxr_ray.train.feed.rank_rows` indexes), read from the id column only."""
-    table = shard_io.cohort_table(sh, cohort, split)
-    ids = table["image_id"].to_numpy(np.int64)
-    got = pads.dataset(str(sh.images_dir), format="parquet").to_table(
-        columns=["image_id"], filter=pads.field("image_id").isin(pa.array(ids))
-    ).column("image_id").to_numpy()
-    order = np.argsort(ids)
-    where = order[np.searchsorted(ids, got, sorter=order).clip(0, len(ids) - 1)]
-    if len(got) != len(ids) or not np.array_equal(ids[where], got) or len(set(got)) != len(got):
-        raise UserError(f"{sh.root}: the {cohort} {split} split lists {len(ids)} images, "
-                        f"the shards hold {len(set(got) & set(ids))} of them; re-run "
-                        f"cxr-ray prepare --force --out {sh.root}")
-    return got.astype(np.int64), table["label"].to_numpy(np.float32)[where]
+    data, labels = shard_io.scan_split(sh, cohort, split, ["image_id"])
+    return data.column("image_id").to_numpy().astype(np.int64), labels
 
 
 def _stream_batch(batch: pa.Table, *, ids: np.ndarray, labels: np.ndarray,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cxr_ray import cli, paths
-from cxr_ray.sweep import plan as sweep, recipe as config, status
+from cxr_ray.sweep import recipe as config, status
 
 RECIPE = {
     "experiment": {"name": "synthetic", "shards": "/nonexistent/shards",
