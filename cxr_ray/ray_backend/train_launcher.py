@@ -150,7 +150,8 @@ def fit(config: TrainConfig, *, storage_path: str | Path, name: str, resume: boo
     t0, started = time.perf_counter(), time.time()
     run_dir = Path(storage_path).expanduser().resolve() / name
     plan, done = runs.open_run(config, run_dir, resume)
-    if done < plan.epochs or (lr_find is not None and not lr_find.done):
+    history = paths.read_jsonl(run_dir / paths.HISTORY_FILE)
+    if not plan.finished(history) or (lr_find is not None and not lr_find.done):
         with ray_session(config.address):
             fitter = trainer(config, plan, run_dir, lr_find=lr_find, callbacks=callbacks)
             try:

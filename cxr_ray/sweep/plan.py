@@ -57,6 +57,8 @@ class TrialSpec:
     """Stage 2: the stage-1 run it starts from."""
     lr_find: dict[str, Any] | None = None
     """Stage 1: the LR range test to run after training (None: none)."""
+    stop_at: float | str | None = None
+    """Stage 2: stop at this test accuracy (a number, or ``"stage1+MARGIN"``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,7 +115,8 @@ def plan_trials(recipe: Recipe) -> tuple[list[TrialSpec], list[TrialSpec], list[
                 stage2.append(TrialSpec(
                     stage="stage2", cohort=cohort, policy=policy, axes=policy_axes,
                     run_name=f"{cohort}__{policy}{_axis_suffix(policy_axes)}", train=train,
-                    lr_source=lr_source, stage1_run=source.run_name))
+                    lr_source=lr_source, stage1_run=source.run_name,
+                    stop_at=recipe.stage2_extra.stop_at))
     comparison = [
         TrialSpec(stage="comparison", cohort=cohort, run_name=cohort + _axis_suffix(axes),
                   train={**shared, **recipe.stage1, **recipe.comparison.train, **axes,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,11 @@ class Stage2Section:
     by_cohort: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Training keys for one cohort's stage-2 trials, e.g. Table 8's epochs:
     ``[stage2.by_cohort] Atelectasis = { epochs = 32 }``."""
+    stop_at: float | str | None = None
+    """Off by default. Stop a stage-2 trial once its test accuracy reaches a target fixed
+    before stage 2 starts: a number (0.8), or ``"stage1+0.02"`` (the cohort's stage-1
+    accuracy plus a margin; what constant will reach is not known yet). Such trials are
+    compared on epochs and compute to the target only."""
 
 
 @dataclass
@@ -260,7 +266,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
     train = _train_table(dict(data.get("train", {})), where("train"))
     stage1 = _train_table(dict(data.get("stage1", {})), where("stage1"))
     stage2_raw = dict(data.get("stage2", {}))
-    extra = _section(Stage2Section, {k: stage2_raw.pop(k) for k in ("bounds", "by_cohort")
+    extra = _section(Stage2Section, {k: stage2_raw.pop(k) for k in ("bounds", "by_cohort", "stop_at")
                                      if k in stage2_raw}, where("stage2"))
     by_cohort = {}
     for name, table in extra.by_cohort.items():
@@ -270,6 +276,12 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
         by_cohort[cohorts.resolve_cohort(str(name))] = _train_table(
             dict(table), f"{where('stage2')} by_cohort {name}")
     extra.by_cohort = by_cohort
+    stop = extra.stop_at
+    if stop is not None and not (
+            (isinstance(stop, (int, float)) and not isinstance(stop, bool) and 0 < stop <= 1)
+            or (isinstance(stop, str) and re.fullmatch(r"stage1\+(0(\.\d+)?|1(\.0+)?)", stop))):
+        raise UserError(f"{where('stage2')} stop_at: an accuracy in (0, 1] or \"stage1+MARGIN\" "
+                        f"(e.g. \"stage1+0.02\"), got {stop!r}")
     if extra.bounds not in ("lr_find", "recipe", "paper"):
         raise UserError(f"{where('stage2')} bounds: 'lr_find', 'recipe' or 'paper', got "
                         f"{extra.bounds!r}")

@@ -431,6 +431,13 @@ def write_report(experiment: str | Path, *, target: float | str = "constant",
              "specificity are on each cohort's whole (patient-wise) test split at threshold 0.5. "
              f"Target per cohort: {target_text}. Compute seconds are train + eval time of the "
              "epochs up to the crossing. All trials: [results.csv](results.csv).", ""]
+    stopped = [r for r in runs if r.trial.get("stop_at") is not None]
+    if stopped:
+        parts += [f"{len(stopped)} stage-2 trials were to stop once their test accuracy reached "
+                  "a target fixed before stage 2 (`[stage2] stop_at`); "
+                  f"{sum(bool(r.trial.get('stopped_at_target')) for r in stopped)} did. Their "
+                  "final and best accuracies stop there: compare them on epochs and compute to "
+                  "the target only.", ""]
     if not ranking.empty:
         parts += ["## Policy ranking", "",
                   "Within each cohort policies are ranked by epochs to the target (then best "

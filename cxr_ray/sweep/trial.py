@@ -42,6 +42,12 @@ def trial_config(spec: TrialSpec, experiment: Path) -> TrainConfig:
         if spec.lr_source == "lr_find":
             cfg["lr_bounds"] = str(paths.lr_find_dir(experiment, str(spec.stage1_run))
                                    / paths.LR_FIND_FILE)
+        if isinstance(spec.stop_at, str):  # "stage1+MARGIN": fixed before stage 2 trains
+            stage1 = paths.read_json(source / paths.SUMMARY_FILE)["history"]
+            best = max(r["test_accuracy"] for r in stage1 if r.get("test_accuracy") is not None)
+            cfg["stop_at"] = min(1.0, best + float(spec.stop_at.split("+", 1)[1]))
+        elif spec.stop_at is not None:
+            cfg["stop_at"] = float(spec.stop_at)
     return TrainConfig.from_dict(cfg)
 
 
@@ -80,6 +86,7 @@ def run_trial(spec: TrialSpec, experiment: Path, fit: Fit, *, launcher: str) -> 
         "stage": spec.stage, "cohort": spec.cohort, "policy": spec.policy, "axes": spec.axes,
         "lr_source": spec.lr_source, "stage1_run": spec.stage1_run,
         "step_size_epochs": step_size_epochs, "status": "finished", "launcher": launcher,
+        "stop_at": config.stop_at, "stopped_at_target": summary.stopped_at_target,
         "trial_seconds": time.perf_counter() - t0,
         "fits": int(launcher == "ray_train" and summary.startup_seconds is not None),
         "epoch_seconds": sum(r.get("epoch_seconds") or 0.0 for r in trained),

@@ -135,6 +135,9 @@ class TrainConfig:
     worker_resources: dict[str, float] = field(default_factory=dict)
     """Extra (custom) resources every worker asks for, on top of its CPUs/GPU, e.g.
     ``{"gpu_node": 0.01}`` to put workers on the autoscaled GPU nodes of ``cluster.yaml``."""
+    stop_at: float | None = None
+    """Stop once an epoch's test accuracy reaches this (a target fixed before the run starts);
+    a run stopped there is compared on epochs and compute to the target only."""
     throttle_s: float = 0.0
     """Testing aid: sleep this long after every optimizer step (lets a test kill a worker
     mid-epoch)."""
@@ -185,6 +188,8 @@ class TrainConfig:
             if value is not None and not (isinstance(value, (int, float)) and value > 0
                                           and math.isfinite(value)):
                 raise bad(key, f"must be a number > 0, got {value!r}")
+        if self.stop_at is not None and not 0 < self.stop_at <= 1:
+            raise bad("stop_at", f"a test accuracy in (0, 1], got {self.stop_at!r}")
         if self.decay is not None and not self.decay >= 0:
             raise bad("decay", f"must be >= 0, got {self.decay!r}")
         for name, amount in self.worker_resources.items():
@@ -249,6 +254,14 @@ class RunPlan:
     log_every: int
     run_dir: str = ""
     throttle_s: float = 0.0
+    stop_at: float | None = None
+
+    def finished(self, history: list[dict[str, Any]]) -> bool:
+        """All epochs done, or the last one reached ``stop_at``."""
+        if len(history) >= self.epochs:
+            return True
+        acc = history[-1].get("test_accuracy") if history else None
+        return self.stop_at is not None and acc is not None and acc >= self.stop_at
 
     #: Fields a re-run may change without starting a new run.
     MUTABLE = ("epochs", "workers", "worker_batch", "steps_per_epoch", "threads", "run_dir",
@@ -325,7 +338,7 @@ def plan_run(config: TrainConfig, run_dir: str | Path = "") -> RunPlan:
         threads=c.threads or 1, gpu=c.gpu, channels_last=c.channels_last,
         augment_on=c.augment_on,
         init_from=str(init) if init else None, log_every=c.log_every, run_dir=str(run_dir),
-        throttle_s=c.throttle_s)
+        throttle_s=c.throttle_s, stop_at=c.stop_at)
 
 
 def _resolve_policy(c: TrainConfig, paper: bool, stage1: presets.Stage1Recipe,

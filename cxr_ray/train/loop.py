@@ -228,6 +228,8 @@ def train(plan: RunPlan, ctx: RankContext, train_feed: Feed, test_feed: Feed):
     runlog = RunLog(plan.to_dict(), state, ctx.rank, launcher=ctx.launcher)
     plan_dict = plan.to_dict()
     for epoch in range(state.epoch, plan.epochs):
+        if plan.finished(state.history):  # reached stop_at
+            break
         t0 = time.perf_counter()
         sums = train_epoch(plan, ctx, model, optimizer, policy, train_feed, epoch, state,
                            runlog)

@@ -69,6 +69,8 @@ class TrainSummary:
     resumed_from_epoch: int
     """Epochs already done when this call started."""
     launcher: str = "process"
+    stopped_at_target: bool = False
+    """True when the run ended before ``epochs`` because it reached ``stop_at``."""
     startup_seconds: float | None = None
     """From the call to the start of the loop (Ray, data, workers, restore); None when
     nothing was left to train."""
@@ -131,7 +133,8 @@ def finish_run(config: TrainConfig, plan: RunPlan, run_dir: Path, done: int, *, 
                started: float, launcher: str) -> TrainSummary:
     """Check the history is complete, pick the checkpoints, write ``summary.json``."""
     history = paths.read_jsonl(run_dir / paths.HISTORY_FILE)
-    if [r["epoch"] for r in history] != list(range(1, plan.epochs + 1)):
+    if [r["epoch"] for r in history] != list(range(1, len(history) + 1)) or not (
+            plan.finished(history)):
         raise RuntimeError(f"{run_dir}: history holds epochs {[r['epoch'] for r in history]}, "
                            f"expected 1..{plan.epochs}")
     metric = config.checkpoint_metric
@@ -145,7 +148,7 @@ def finish_run(config: TrainConfig, plan: RunPlan, run_dir: Path, done: int, *, 
         checkpoint_metric=metric, best_metric=value, wall_seconds=wall,
         images=sum(r["train_images"] for r in history[done:]),
         compute_seconds=sum(r["epoch_seconds"] for r in history), resumed_from_epoch=done,
-        launcher=launcher, plan=plan.to_dict(),
+        launcher=launcher, plan=plan.to_dict(), stopped_at_target=len(history) < plan.epochs,
         startup_seconds=min(attempts) - started if attempts else None,
         teardown_seconds=(started + wall - history[-1]["time"]) if done < len(history)
         and "time" in history[-1] else None)
@@ -193,7 +196,8 @@ def fit_in_process(config: TrainConfig, *, storage_path: str | Path, name: str,
     run_dir = Path(storage_path).expanduser().resolve() / name
     plan, done = open_run(config, run_dir, resume)
     plan.threads = threads or config.threads or max(1, int(config.cpus_per_worker or 1))
-    if done < plan.epochs or (lr_find is not None and not lr_find.done):
+    history = paths.read_jsonl(run_dir / paths.HISTORY_FILE)
+    if not plan.finished(history) or (lr_find is not None and not lr_find.done):
         metric = config.checkpoint_metric
         store = ck.CheckpointStore(run_dir, keep=config.keep_checkpoints, metric=metric,
                                    mode=SCORE_METRICS[metric])

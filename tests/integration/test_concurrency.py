@@ -55,9 +55,12 @@ def test_concurrency_uses_the_recipe_number_or_the_capacity(monkeypatch):
     assert sweep.concurrency(config.parse_recipe(data), config.parse_recipe(data).train) == 3
     data["resources"]["max_concurrent_trials"] = "auto"
     assert sweep.concurrency(config.parse_recipe(data), config.parse_recipe(data).train) == 1  # live: no gpu_node node
-    # cluster-local.yaml's GPU nodes, stated: 0.5 + 0.01 CPU per trainer, one per 1-CPU node
+    # cluster-local.yaml's GPU nodes, stated (1 CPU each)
     data["resources"]["autoscale"] = {
         "max_workers": 4, "gpu": {"max_workers": 5, "resources": {"CPU": 1, "gpu_node": 1}}}
-    assert sweep.concurrency(config.parse_recipe(data), config.parse_recipe(data).train) == 4  # 4 nodes (the cap) x 1
+    recipe = config.parse_recipe(data)
+    assert sweep.concurrency(recipe, recipe.train) == 8  # 4 nodes (the cap) x 2 in-trial ranks
+    ray_train = {**recipe.train, "launcher": "ray_train"}  # 0.5 + 0.01 CPU: one per node
+    assert sweep.concurrency(recipe, ray_train) == 4
 
 

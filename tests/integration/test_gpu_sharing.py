@@ -105,7 +105,9 @@ def test_a_gpu_cuda_cannot_see_stops_the_trial_with_one_line(shards):
 
 
 def test_eight_quarter_gpu_trials_run_at_once_on_two_declared_gpus(shards):
-    out = _sweep(shards, "shared", {ALLOW_NO_CUDA_ENV: "1"}, list(range(8)), 1.0)
+    # 5 s per step: each trial trains for 20 s or more, longer than eight trial processes
+    # take to start on a busy 2-core machine, so all eight overlap if they were scheduled so
+    out = _sweep(shards, "shared", {ALLOW_NO_CUDA_ENV: "1"}, list(range(8)), 5.0)
     assert "SWEEP OK" in out, out[-3000:]
     assert "stage2: 8 trials, 8 at a time" in out, out[-3000:]
     runs = sorted((shards / "exp" / "shared" / "stage2").glob("Cardiomegaly__constant__seed-*"))

@@ -107,3 +107,30 @@ def test_stage2_by_cohort_overrides_follow_table8():
 def test_uri_storage_is_refused_with_the_fix():
     with pytest.raises(UserError, match=r"storage_path: 's3://bucket/x' is a URI; use a directory"):
         config.load_recipe(JOBS / "demo.toml", {"experiment.storage_path": "s3://bucket/x"})
+
+
+def test_stop_at_is_a_number_or_stage1_plus_a_margin(tmp_path):
+    import json
+
+    from cxr_ray.sweep.trial import trial_config
+
+    base = config.load_recipe(JOBS / "demo.toml").to_dict()
+    data = {k: v for k, v in base.items() if k != "source"}
+    for bad in ("stage2", "stage1-0.1", 2.0, True):
+        data["stage2"] = {**base["stage2"], "stop_at": bad}
+        with pytest.raises(UserError, match="stop_at"):
+            config.parse_recipe(data, "r.toml")
+    data["stage2"] = {**base["stage2"], "stop_at": "stage1+0.05"}
+    recipe = config.parse_recipe(data, "r.toml")
+    _, stage2, _ = sweep.plan_trials(recipe)
+    assert {s.stop_at for s in stage2} == {"stage1+0.05"}
+    # resolved in the trial from the finished stage-1 run: its best accuracy plus the margin
+    spec = stage2[0]
+    stage1 = tmp_path / "stage1" / spec.stage1_run
+    stage1.mkdir(parents=True)
+    (stage1 / "summary.json").write_text(json.dumps({"history": [
+        {"epoch": 1, "test_accuracy": 0.70}, {"epoch": 2, "test_accuracy": 0.81},
+        {"epoch": 3, "test_accuracy": None}]}))
+    (tmp_path / "lr_find" / spec.stage1_run).mkdir(parents=True)
+    spec.train["shards"] = str(tmp_path)  # not opened here
+    assert trial_config(spec, tmp_path).stop_at == pytest.approx(0.86)

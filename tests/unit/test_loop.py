@@ -427,3 +427,15 @@ def test_lr_find_in_process_from_a_checkpoint(run, local_shards, tmp_path):
     assert spec.done
     assert _sha(start) == digest and start.stat().st_mtime_ns == mtime  # untouched
     assert sorted(str(p.relative_to(run["dir"])) for p in run["dir"].rglob("*")) == listing
+
+
+# --------------------------------------------------------------------------- stop at a target
+def test_a_run_stops_at_its_target_and_a_rerun_trains_no_more(local_shards, tmp_path):
+    config = _config(local_shards, **{**RUN, "epochs": 3, "stop_at": 0.01})  # reached at once
+    first = fit_in_process(config, storage_path=tmp_path, name="stop", threads=1)
+    assert [r["epoch"] for r in first.history] == [1] and first.stopped_at_target
+    again = fit_in_process(config, storage_path=tmp_path, name="stop", threads=1)
+    assert again.history == first.history and again.images == 0
+    assert len(paths.read_jsonl(tmp_path / "stop" / paths.ATTEMPTS_FILE)) == 1
+    with pytest.raises(UserError, match="stop_at"):
+        _config(local_shards, stop_at=1.5).validate()
