@@ -55,10 +55,21 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
                  num_cpus=num_cpus, num_gpus=num_gpus,
                  runtime_env={"env_vars": dict(LOCAL_ENV)})
+    _STARTED_HERE.append(not address)
     try:
         yield
     finally:
+        _STARTED_HERE.pop()
         ray.shutdown()
+
+
+_STARTED_HERE: list[bool] = []
+
+
+def local_ray_started_here() -> bool:
+    """True inside a :func:`ray_session` that started a local Ray (no autoscaler: what the
+    machine holds is all there will be)."""
+    return bool(_STARTED_HERE and _STARTED_HERE[-1])
 
 
 def cluster_cpus() -> float:

@@ -43,7 +43,7 @@ from cxr_ray.sweep.recipe import Recipe
 from cxr_ray.sweep.trial import run_trial
 from cxr_ray.errors import UserError
 from cxr_ray.ray_backend import cluster, train_launcher
-from cxr_ray.ray_backend.session import cluster_cpus, ray_session
+from cxr_ray.ray_backend.session import cluster_cpus, local_ray_started_here, ray_session
 from cxr_ray.train import run as runs
 
 log = logging.getLogger(__name__)
@@ -107,11 +107,18 @@ def concurrency(recipe: Recipe, train: dict[str, Any]) -> int:
     """Trials at once for a stage whose trials train with ``train``: the recipe's number, or
     for ``"auto"`` how many trials' ranks fit on the cluster at its largest
     (:mod:`cxr_ray.sweep.capacity`: GPUs ÷ GPUs per rank on a GPU cluster)."""
+    groups, cap, source = cluster.node_groups(recipe.resources.autoscale)
+    request, workers = capacity.worker_request(train, recipe.resources.trial_cpus)
+    fit = capacity.ranks_that_fit(groups, request, max_worker_nodes=cap)
+    if fit < workers:
+        what = (f"a trial needs {workers} rank(s) of {request} at once and the cluster "
+                f"({source}) holds {fit}")
+        if local_ray_started_here():  # no autoscaler will add a node: it would wait forever
+            raise UserError(f"{recipe.source}: {what}; lower cpus_per_worker or workers")
+        log.warning("%s; the stage waits for the autoscaler to add nodes that can", what)
     setting = recipe.resources.max_concurrent_trials
     if setting != "auto":
         return int(setting)
-    groups, cap, source = cluster.node_groups(recipe.resources.autoscale)
-    request, workers = capacity.worker_request(train, recipe.resources.trial_cpus)
     n = capacity.trials_at_once(groups, request, workers, data_reserve=0.0,
                                 max_worker_nodes=cap)
     log.info("max_concurrent_trials auto: %d (%d rank(s) of %s per trial; nodes from %s)",

@@ -83,7 +83,16 @@ def workers_per_node(resources: dict[str, float], request: dict[str, float]) -> 
 
 def trials_at_once(groups: Iterable[NodeGroup], request: dict[str, float], workers: int, *,
                    data_reserve: float = 0.0, max_worker_nodes: int | None = None) -> int:
-    """Trials whose workers fit on ``groups`` at once (the rule of the module docstring).
+    """Trials whose workers fit on ``groups`` at once (the rule of the module docstring),
+    at least 1 (an autoscaler may add the nodes a queued trial asks for)."""
+    fit = ranks_that_fit(groups, request, data_reserve=data_reserve,
+                         max_worker_nodes=max_worker_nodes)
+    return max(1, fit // max(1, workers))
+
+
+def ranks_that_fit(groups: Iterable[NodeGroup], request: dict[str, float], *,
+                   data_reserve: float = 0.0, max_worker_nodes: int | None = None) -> int:
+    """Ranks asking ``request`` that fit on ``groups`` at once.
 
     ``data_reserve`` CPUs of the head stay free when the request has no GPU;
     ``max_worker_nodes`` caps the non-head nodes (the autoscaler's global ``max_workers``).
@@ -101,8 +110,7 @@ def trials_at_once(groups: Iterable[NodeGroup], request: dict[str, float], worke
     worker_nodes.sort(reverse=True)
     if max_worker_nodes is not None:
         worker_nodes = worker_nodes[:max(0, max_worker_nodes)]
-    total += sum(worker_nodes)
-    return max(1, total // max(1, workers))
+    return total + sum(worker_nodes)
 
 
 # --------------------------------------------------------------------------- node groups
