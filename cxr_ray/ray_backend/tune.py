@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from cxr_ray import paths
 from cxr_ray.data import shards as shard_io
@@ -49,9 +50,10 @@ from cxr_ray.train import run as runs
 log = logging.getLogger(__name__)
 
 #: Tune's console output off for the driver (cxr-ray prints its own lines): without the
-#: first, Tune adds a TensorBoard logger per trial (a third TensorBoard run per trial, and a
-#: hint pointing at a folder under /tmp/ray that holds nothing of the experiment); the second
-#: selects the reporter that ``verbose=0`` silences completely.
+#: first, Tune adds a TensorBoard logger per trial (a second TensorBoard run per trial, and a
+#: hint pointing at a folder under /tmp/ray that holds nothing of the experiment; its CSV and
+#: JSON loggers are passed explicitly, since Tune's result reading needs their files); the
+#: second selects the reporter that ``verbose=0`` silences completely.
 QUIET_TUNE_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_AIR_NEW_OUTPUT": "0"}
 
 
@@ -194,7 +196,8 @@ def run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: Pa
                     trial_dirname_creator=lambda t: t.config["spec"]["run_name"]),
                 run_config=tune.RunConfig(
                     name=stage, storage_path=str(path.parent),
-                    callbacks=[_Progress(stage, len(specs))],
+                    callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
+                               _Progress(stage, len(specs))],
                     failure_config=tune.FailureConfig(max_failures=1), verbose=0),
             )
         results = tuner.fit()

@@ -470,8 +470,9 @@ def write_report(experiment: str | Path, *, target: float | str = "constant",
     if cost:
         parts += ["## Where the time went", "",
                   "Per trial: wall time of the trial, the train + eval seconds of its epochs, "
-                  "and the rest (overhead: Ray Train start-up and tear-down of each "
-                  "TorchTrainer fit; for stage 1 also the LR range test). Trials resumed "
+                  "and the rest (overhead: reading the data, checkpoints; for Ray Train trials the "
+                  "start-up and tear-down of each TorchTrainer fit; for stage 1 also the LR "
+                  "range test). Trials resumed "
                   "after a restart count only the resumed part.", "", cost, ""]
     if any(plots.values()):
         parts += ["## Plots", ""]

@@ -181,8 +181,8 @@ def test_autoscale_defaults_to_nothing_stated():
 
 def test_ranks_that_fit_say_when_a_trial_cannot_start():
     # the demo's stage 1 on 2 cores: 2 Ray Train ranks of 1 CPU plus the waiting trial's
-    # sliver do not fit (the sweep refuses that on a local Ray); 0.95 CPU each does, and
-    # at jobs/demo.toml's 0.45 two such trials run at once
+    # sliver do not fit (the sweep refuses that on a local Ray); jobs/demo.toml's 0.95 CPU
+    # each does, and 0.45 would run two such trials at once
     head = [NodeGroup("head", {"CPU": 2.0}, 1, head=True)]
     train = {"workers": 2, "cpus_per_worker": 1.0}
     request, workers = capacity.worker_request(train, 0.01)
