@@ -196,7 +196,7 @@ def _wait_for(predicate, timeout: float, what: str, *procs: subprocess.Popen) ->
 @pytest.fixture(scope="module")
 def fake_cluster():
     """The fake-multinode head (zero workers) and its watcher; everything killed after."""
-    from cxr_ray.train import FAST_CONTROL_ENV
+    from cxr_ray.ray_backend.session import LOCAL_ENV as FAST_CONTROL_ENV
 
     # A short path: Ray's Unix sockets live below the temp dir (107-byte limit).
     tmp = Path(tempfile.mkdtemp(prefix="cxras-", dir="/tmp"))

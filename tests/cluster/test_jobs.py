@@ -43,7 +43,9 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's ray and cxr-ray
-TINY = ["--set", "stage1.epochs=1", "--set", "stage2.epochs=1", "--set", "lr_find.num_steps=8"]
+TINY = ["--set", "stage1.epochs=1", "--set", "stage2.epochs=1", "--set", "lr_find.num_steps=8",
+        # in-trial stage-2 trials take seconds: slow them so the stop lands mid-stage
+        "--set", "stage2.throttle_s=2.0"]
 #: Ray's own detached singletons, which outlive the job that started them by design.
 RAY_SINGLETONS = {"_AutoscalingCoordinatorActor", "_StatsActor"}
 
