@@ -37,7 +37,8 @@ from cxr_ray import paths
 from cxr_ray.sweep import report
 from cxr_ray.data import synth
 
-from test_sweep import COHORTS, POLICIES, RECIPE  # the tiny recipe of the local sweep test
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from test_sweep import COHORTS, POLICIES, RECIPE  # noqa: E402  (the local sweep test's recipe)
 
 pytestmark = pytest.mark.slow
 
