@@ -45,8 +45,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's ray and cxr-ray
 TINY = ["--set", "stage1.epochs=1", "--set", "stage2.epochs=1", "--set", "lr_find.num_steps=8",
-        # in-trial stage-2 trials take seconds: slow them so the stop lands mid-stage
-        "--set", "stage2.throttle_s=2.0"]
+        # in-trial stage-2 trials take seconds: one at a time and slowed, so that the stop
+        # lands while the next trial trains
+        "--set", "stage2.throttle_s=2.0", "--set", "resources.max_concurrent_trials=1"]
 #: Ray's own detached singletons, which outlive the job that started them by design.
 RAY_SINGLETONS = {"_AutoscalingCoordinatorActor", "_StatsActor"}
 
@@ -295,7 +296,12 @@ def test_sweep_job_stops_cleanly_and_resumes(cluster, tiny_recipe):
     for run, stamps in before.items():  # finished trials were not trained again
         now = [(run / f).stat().st_mtime_ns for f in (report.TRIAL_FILE, paths.SUMMARY_FILE)]
         assert now == stamps, run
-        assert len((run / paths.ATTEMPTS_FILE).read_text().splitlines()) == 1, run
+        attempts = (run / paths.ATTEMPTS_FILE).read_text().splitlines()
+        if len(attempts) != 1:  # a restart: show why (Ray Train's failure lines, in full)
+            lines = cluster.logs("sweep-1").splitlines()
+            why = [ln for i, ln in enumerate(lines) if any(
+                w in " ".join(lines[max(0, i - 3):i + 1]) for w in ("Error", "Traceback"))]
+            pytest.fail(f"{run} was restarted: {attempts}\n" + "\n".join(why[:80]))
     assert "resuming the Tune experiment" in logs
     # each driver ran against this cluster, as RAY_ADDRESS from the job agent told it; no
     # process of the cluster lost its way among the Ray instances on this machine (Ray
