@@ -5,8 +5,10 @@ What this module owns
 * The maths, as pure functions of the optimizer-step counter ``it``:
   :func:`clr_lr` (the Keras/Smith CLR formula with the four scale modes),
   :func:`time_decay_factor` (Keras ``decay``), :func:`one_cycle_lr` (torch ``OneCycleLR``
-  semantics) and :func:`lr_at` / :func:`momentum_at`, which evaluate a whole
-  :class:`PolicyConfig`.
+  semantics), :func:`warmup_cosine_lr` (linear warmup + cosine, as transformers'
+  ``get_cosine_schedule_with_warmup``), :func:`sgdr_lr` (torch
+  ``CosineAnnealingWarmRestarts``) and :func:`lr_at` / :func:`momentum_at`, which evaluate a
+  whole :class:`PolicyConfig`.
 * :class:`PolicyLR`, one ``torch.optim.lr_scheduler.LRScheduler`` subclass that applies any
   policy in closed form. The lr depends on nothing but the config and the step, so a run resumes
   exactly, mid-cycle included, from the step count its checkpoint holds (no lambdas or
@@ -41,6 +43,22 @@ Policies (``PolicyConfig.name``)
                           (cosine) over ``total_steps``: from ``base_lr`` up to ``max_lr`` in the
                           first ``pct_start`` of the steps, then down to ``base_lr /
                           final_div_factor``; held at that value after ``total_steps``.
+``warmup_cosine``         modern baseline: linear warmup from ``base_lr`` to ``max_lr`` over the
+                          first ``W = round(warmup_pct*total_steps)`` steps, then cosine decay
+                          to ``base_lr`` at step ``total_steps`` (transformers'
+                          ``get_cosine_schedule_with_warmup`` with a floor); held at ``base_lr``
+                          after.
+``sgdr``                  modern baseline: cosine annealing with warm restarts (Loshchilov &
+                          Hutter 2017; torch ``CosineAnnealingWarmRestarts``) from ``max_lr``
+                          down to ``base_lr``; the first period is ``T_0 = 2*step_size`` steps
+                          (one CLR cycle), each next one ``t_mult`` times longer.
+
+The bounds keep their CLR meaning for every bounded policy (:data:`BOUNDED_POLICIES`), so the LR
+range test feeds all of them alike: ``max_lr`` is the peak, ``base_lr`` the floor and the lr of
+step 0 (except ``sgdr``, which starts at its peak like torch's, and ``warmup_cosine`` with
+``warmup_pct = 0``). Policies of :data:`TOTAL_STEPS_POLICIES` span the whole run: the trainer
+sets ``total_steps`` to ``epochs * steps_per_epoch`` (and a re-run with more epochs resumes
+the same run, reshaped). ``sgdr`` needs no run length: its periods come from ``step_size``.
 
 Any policy composes with Keras time decay: a non-zero ``decay`` multiplies the policy's lr by
 ``1 / (1 + decay*it)`` with the same never-reset counter. That is what Keras does when a CLR
@@ -66,8 +84,14 @@ from cxr_ray.errors import UserError
 
 #: The CLR family: ``clr_lr`` scale modes.
 CLR_POLICIES = ("triangular", "triangular2", "exp_range", "modified_triangular2")
+#: Modern cosine baselines beside one_cycle (not in the study).
+COSINE_POLICIES = ("warmup_cosine", "sgdr")
 #: Every policy name :class:`PolicyConfig` accepts.
-POLICIES = ("constant", "time_decay", *CLR_POLICIES, "one_cycle")
+POLICIES = ("constant", "time_decay", *CLR_POLICIES, "one_cycle", *COSINE_POLICIES)
+#: Policies that run between ``base_lr`` and ``max_lr`` (both from the LR range test in a sweep).
+BOUNDED_POLICIES = (*CLR_POLICIES, "one_cycle", *COSINE_POLICIES)
+#: Policies shaped over the whole run: they need ``total_steps`` (``epochs * steps_per_epoch``).
+TOTAL_STEPS_POLICIES = ("one_cycle", "warmup_cosine")
 
 
 # --------------------------------------------------------------------------- config
@@ -78,26 +102,37 @@ class PolicyConfig:
     name: str = "constant"
     """Policy name, one of :data:`POLICIES`."""
     base_lr: float = 0.01
-    """lr at step 0. CLR: the lower bound. constant/time_decay: the lr0. one_cycle: the start."""
+    """lr at step 0. CLR: the lower bound. constant/time_decay: the lr0. one_cycle: the start.
+    warmup_cosine: the warmup's start and the cosine's floor. sgdr: the floor (torch
+    ``eta_min``)."""
     max_lr: float | None = None
-    """Upper bound (CLR peak, one_cycle peak). Needed by the CLR family and one_cycle."""
+    """Upper bound (CLR peak, one_cycle peak, warmup_cosine peak, sgdr's lr after each
+    restart). Needed by every policy of :data:`BOUNDED_POLICIES`."""
     step_size: float | None = None
-    """CLR half cycle, in optimizer steps (the study: 2 epochs' worth). Needed by the CLR family."""
+    """CLR half cycle, in optimizer steps (the study: 2 epochs' worth). Needed by the CLR family
+    and sgdr, whose first period is one CLR cycle, ``2*step_size`` steps."""
     gamma: float = 1.0
     """exp_range: the amplitude is multiplied by ``gamma**it``; in (0, 1]."""
     decay: float = 0.0
     """Keras time decay applied on top of the policy: ``lr * 1/(1 + decay*it)``; 0 = none."""
     total_steps: int | None = None
-    """one_cycle: the steps the cycle spans (the whole run). Needed by one_cycle only."""
+    """one_cycle, warmup_cosine: the steps the schedule spans (the whole run). Needed by
+    :data:`TOTAL_STEPS_POLICIES` only."""
     pct_start: float = 0.3
     """one_cycle: fraction of ``total_steps`` spent rising to ``max_lr`` (torch default 0.3)."""
     final_div_factor: float = 1e4
     """one_cycle: the final lr is ``base_lr / final_div_factor`` (torch default 1e4)."""
     anneal: str = "cos"
     """one_cycle: ``"cos"`` (torch default) or ``"linear"`` interpolation."""
+    warmup_pct: float = 0.05
+    """warmup_cosine: fraction of ``total_steps`` spent warming up, in [0, 1); the warmup is
+    ``round(warmup_pct*total_steps)`` steps (0: plain cosine from ``max_lr``)."""
+    t_mult: int = 1
+    """sgdr: each period is ``t_mult`` times the previous one; an integer >= 1 (torch's
+    ``T_mult``, default 1: every period is ``2*step_size`` steps)."""
     cycle_momentum: bool = False
     """Cycle momentum (SGD/RMSprop ``momentum``, Adam ``beta1``) inversely to the lr. Off by
-    default; only meaningful for the CLR family and one_cycle."""
+    default; only for the CLR family and one_cycle (refused for the others)."""
     base_momentum: float = 0.85
     """Momentum at the lr peak when ``cycle_momentum`` (torch default)."""
     max_momentum: float = 0.95
@@ -119,12 +154,15 @@ class PolicyConfig:
             raise UserError(f"step_size must be >= 1 optimizer step, got {self.step_size}")
         if not _finite(self.decay) or self.decay < 0:
             raise UserError(f"decay must be >= 0, got {self.decay}")
-        if self.name in CLR_POLICIES or self.name == "one_cycle":
+        if self.name in BOUNDED_POLICIES:
             if self.max_lr is None:
                 raise UserError(f"policy {self.name!r} needs max_lr")
         if self.name in CLR_POLICIES and self.step_size is None:
             raise UserError(f"policy {self.name!r} needs step_size (optimizer steps per half "
                             "cycle)")
+        if self.name == "sgdr" and self.step_size is None:
+            raise UserError("policy 'sgdr' needs step_size (its first period is 2*step_size "
+                            "optimizer steps)")
         if self.name == "exp_range" and not (0 < self.gamma <= 1):
             raise UserError(f"exp_range needs gamma in (0, 1], got {self.gamma}")
         if self.name == "one_cycle":
@@ -136,9 +174,20 @@ class PolicyConfig:
                 raise UserError(f"final_div_factor must be > 0, got {self.final_div_factor}")
             if self.anneal not in ("cos", "linear"):
                 raise UserError(f"anneal must be 'cos' or 'linear', got {self.anneal!r}")
+        if self.name == "warmup_cosine":
+            if self.total_steps is None or int(self.total_steps) < 1:
+                raise UserError(f"warmup_cosine needs total_steps >= 1, got {self.total_steps}")
+            if not (_finite(self.warmup_pct) and 0 <= self.warmup_pct < 1):
+                raise UserError(f"warmup_cosine needs warmup_pct in [0, 1), got "
+                                f"{self.warmup_pct}")
+        if self.name == "sgdr" and not (_finite(self.t_mult) and self.t_mult >= 1
+                                        and float(self.t_mult).is_integer()):
+            raise UserError(f"sgdr needs t_mult an integer >= 1 (torch's T_mult), got "
+                            f"{self.t_mult}")
         if self.cycle_momentum:
             if self.name not in CLR_POLICIES and self.name != "one_cycle":
-                raise UserError(f"cycle_momentum needs a cyclical policy, not {self.name!r}")
+                raise UserError(f"cycle_momentum needs a CLR policy or one_cycle, not "
+                                f"{self.name!r}")
             if not (0 <= self.base_momentum <= self.max_momentum < 1):
                 raise UserError("cycle_momentum needs 0 <= base_momentum <= max_momentum < 1")
         return self
@@ -231,6 +280,59 @@ def one_cycle_lr(it: int, total_steps: int, base_lr: float, max_lr: float,
     return _anneal(max_lr, base_lr / final_div_factor, pct, anneal)
 
 
+def warmup_steps(total_steps: int, warmup_pct: float) -> int:
+    """warmup_cosine's warmup length ``W = round(warmup_pct * total_steps)`` in steps."""
+    return int(round(warmup_pct * total_steps))
+
+
+def warmup_cosine_lr(it: int, total_steps: int, base_lr: float, max_lr: float,
+                     warmup_pct: float = 0.05) -> float:
+    """Linear warmup + cosine decay at step ``it``; ``T = total_steps``,
+    ``W = round(warmup_pct*T)``::
+
+        it <  W:  lr = base_lr + (max_lr - base_lr) * it / W
+        it >= W:  p  = min(1, (it - W) / max(1, T - W))
+                  lr = base_lr + (max_lr - base_lr) * (1 + cos(pi*p)) / 2
+
+    ``(lr - base_lr) / (max_lr - base_lr)`` is exactly transformers'
+    ``get_cosine_schedule_with_warmup(num_warmup_steps=W, num_training_steps=T)`` multiplier
+    (and torch's ``LinearLR`` + ``CosineAnnealingLR(T_max=T-W, eta_min=base_lr)`` in a
+    ``SequentialLR``): step 0 is ``base_lr``, the peak ``max_lr`` is at step ``W``, the floor
+    ``base_lr`` at step ``T`` (one past the run's last step); steps past ``T`` stay there.
+    """
+    w = warmup_steps(total_steps, warmup_pct)
+    if it < w:
+        return base_lr + (max_lr - base_lr) * it / w
+    p = min(1.0, (it - w) / max(1, total_steps - w))
+    return base_lr + (max_lr - base_lr) * (1.0 + math.cos(math.pi * p)) / 2.0
+
+
+def sgdr_period(it: int, t_0: float, t_mult: int = 1) -> tuple[float, float]:
+    """``(t_cur, t_i)`` of step ``it`` under warm restarts: the steps since the last restart and
+    the length of the current period. Periods are ``t_0, t_0*t_mult, t_0*t_mult**2, ...``;
+    restarts at ``t_0 * (t_mult**n - 1) / (t_mult - 1)`` (``n*t_0`` when ``t_mult == 1``)."""
+    if t_mult == 1:
+        n = math.floor(it / t_0)
+        return it - n * t_0, t_0
+    start, length = 0.0, float(t_0)
+    while it >= start + length:  # exact: no float log at a period boundary (O(log it) loops)
+        start += length
+        length *= t_mult
+    return it - start, length
+
+
+def sgdr_lr(it: int, base_lr: float, max_lr: float, t_0: float, t_mult: int = 1) -> float:
+    """SGDR at step ``it`` (Loshchilov & Hutter 2017; torch ``CosineAnnealingWarmRestarts`` with
+    the optimizer's lr = ``max_lr`` and ``eta_min = base_lr``)::
+
+        lr = base_lr + (max_lr - base_lr) * (1 + cos(pi * t_cur / t_i)) / 2
+
+    with ``(t_cur, t_i) = sgdr_period(it, t_0, t_mult)``: ``max_lr`` at step 0 and at every
+    restart, falling towards ``base_lr`` within each period."""
+    t_cur, t_i = sgdr_period(it, t_0, t_mult)
+    return base_lr + (max_lr - base_lr) * (1.0 + math.cos(math.pi * t_cur / t_i)) / 2.0
+
+
 def lr_at(config: PolicyConfig, it: int) -> float:
     """The lr in force at optimizer step ``it`` under ``config`` (pure; ``it`` >= 0)."""
     c = config
@@ -243,6 +345,12 @@ def lr_at(config: PolicyConfig, it: int) -> float:
         assert c.max_lr is not None and c.total_steps is not None, "validate() the config first"
         lr = one_cycle_lr(it, int(c.total_steps), c.base_lr, c.max_lr, c.pct_start,
                           c.final_div_factor, c.anneal)
+    elif c.name == "warmup_cosine":
+        assert c.max_lr is not None and c.total_steps is not None, "validate() the config first"
+        lr = warmup_cosine_lr(it, int(c.total_steps), c.base_lr, c.max_lr, c.warmup_pct)
+    elif c.name == "sgdr":
+        assert c.max_lr is not None and c.step_size is not None, "validate() the config first"
+        lr = sgdr_lr(it, c.base_lr, c.max_lr, 2 * c.step_size, int(c.t_mult))
     else:
         raise ValueError(f"unknown lr policy {c.name!r}")
     if c.decay:
@@ -356,6 +464,13 @@ def describe_policy(config: PolicyConfig) -> str:
         parts.append(f"gamma {c.gamma:g}")
     if c.name == "one_cycle" and c.total_steps is not None:
         parts.append(f"{c.total_steps} steps, pct_start {c.pct_start:g}")
+    if c.name == "warmup_cosine" and c.total_steps is not None:
+        warmup = warmup_steps(int(c.total_steps), c.warmup_pct)
+        parts.append(f"{c.total_steps} steps, warmup {warmup} steps (warmup_pct "
+                     f"{c.warmup_pct:g})")
+    if c.name == "sgdr" and c.step_size is not None:
+        parts.append(f"period {2 * c.step_size:g} steps (2 x step size {c.step_size:g}), "
+                     f"t_mult {c.t_mult:g}")
     if c.decay:
         parts.append(f"× time decay {c.decay:g}")
     return ", ".join(parts)

@@ -182,6 +182,15 @@ ALL_CONFIGS = {
     "triangular+cycle_momentum": clr("triangular", cycle_momentum=True),
     "one_cycle+cycle_momentum": PolicyConfig("one_cycle", base_lr=0.001, max_lr=0.03,
                                              total_steps=30, cycle_momentum=True),
+    # warmup 6 steps: the resume at step 7 is just past the peak
+    "warmup_cosine": PolicyConfig("warmup_cosine", base_lr=0.001, max_lr=0.03, total_steps=30,
+                                  warmup_pct=0.2),
+    # warmup 10 steps: the resume at step 7 is mid-warmup
+    "warmup_cosine+mid_warmup": PolicyConfig("warmup_cosine", base_lr=0.001, max_lr=0.03,
+                                             total_steps=20, warmup_pct=0.5),
+    # periods 4, 8, 16: restarts at 4 and 12, the resume at step 7 is mid-period
+    "sgdr": PolicyConfig("sgdr", base_lr=0.001, max_lr=0.03, step_size=2, t_mult=2),
+    "sgdr+decay": clr("sgdr", decay=0.005),
 }
 
 
