@@ -24,7 +24,7 @@ def _add_cohorts(sub: argparse._SubParsersAction) -> None:
         "cohorts",
         help="print the class table and the 15 cohorts (sizes, patient-wise splits)",
         description="Read NIH metadata, print the per-class table (the study's Table 1) and, for each of "
-        "the 15 cohorts, positives, negatives, train/test images and patients.",
+        "the 15 cohorts, positives, negatives, and the train/val/test images and patients.",
     )
     _metadata_flag(p)
     p.add_argument("--negatives", choices=["ratio", "paper"], default="ratio",
@@ -33,8 +33,13 @@ def _add_cohorts(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for negative sampling and the split")
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="fraction of patients in the test split (default 0.2, the study's 1:4)")
+    p.add_argument("--val-fraction", type=float, default=0.125,
+                   help="fraction of the training side's images held out, by patient, as the "
+                        "validation split that selects checkpoints and thresholds (default "
+                        "0.125: 70/10/20 train/val/test)")
     p.add_argument("--split", choices=["patient", "official"], default="patient",
-                   help="patient: seeded patient-wise split (default); official: NIH split lists")
+                   help="patient: seeded patient-wise split (default); official: NIH split lists "
+                        "(validation is still carved by patient from train_val_list.txt)")
     p.add_argument("--split-dir", type=Path, default=None,
                    help="directory holding train_val_list.txt and test_list.txt "
                         "(for --split official; default: the metadata file's directory)")
@@ -51,6 +56,7 @@ def _cmd_cohorts(args: argparse.Namespace) -> int:
     classes = nih.class_table(meta)
     recipe = cohorts.CohortConfig(
         negatives=args.negatives, seed=args.seed, test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction,
         split=args.split, split_dir=args.split_dir or _default_split_dir(args.metadata),
     )
     names = tuple(cohorts.resolve_cohort(n) for n in args.cohort) if args.cohort else cohorts.COHORTS
@@ -107,18 +113,20 @@ def _add_schedule(sub: argparse._SubParsersAction) -> None:
         help="preview an lr policy: the lr in force at every optimizer step",
         description="Print (or plot) the lr of each optimizer step 0..N-1 under a policy: "
         "constant, time_decay, triangular, triangular2, exp_range, modified_triangular2, "
-        "one_cycle. Step 0 is base_lr; a CLR peak is at step STEP_SIZE, the base again at "
-        "2*STEP_SIZE. Example: cxr-ray schedule --policy modified_triangular2 --base-lr 0.0075 "
+        "one_cycle, warmup_cosine, sgdr. Step 0 is base_lr (sgdr: max_lr); a CLR peak is at "
+        "step STEP_SIZE, the base again at 2*STEP_SIZE (sgdr restarts every 2*STEP_SIZE). "
+        "warmup_cosine and one_cycle span --steps. "
+        "Example: cxr-ray schedule --policy modified_triangular2 --base-lr 0.0075 "
         "--max-lr 0.03 --step-size 4 --steps 40 --json",
     )
     p.add_argument("--policy", required=True,
                    help="constant, time_decay, triangular, triangular2, exp_range, "
-                        "modified_triangular2 or one_cycle")
+                        "modified_triangular2, one_cycle, warmup_cosine or sgdr")
     p.add_argument("--base-lr", type=float, required=True,
                    help="lr at step 0: the lower CLR bound, lr0 of constant/time_decay, the "
                         "start of one_cycle")
     p.add_argument("--max-lr", type=float, default=None,
-                   help="upper bound (CLR policies and one_cycle)")
+                   help="upper bound (CLR policies, one_cycle, warmup_cosine, sgdr)")
     p.add_argument("--step-size", type=int, default=None,
                    help="CLR half cycle in optimizer steps (the study: 2 epochs' worth)")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps to preview")
@@ -198,8 +206,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for negative sampling and the split")
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="fraction of each cohort's images in the test split (default 0.2)")
+    p.add_argument("--val-fraction", type=float, default=0.125,
+                   help="fraction of the training side's images held out, by patient, as the "
+                        "validation split that selects checkpoints and thresholds (default "
+                        "0.125: 70/10/20 train/val/test)")
     p.add_argument("--split", choices=["patient", "official"], default="patient",
-                   help="patient: seeded patient-wise split (default); official: NIH split lists")
+                   help="patient: seeded patient-wise split (default); official: NIH split lists "
+                        "(validation is still carved by patient from train_val_list.txt)")
     p.add_argument("--split-dir", type=Path, default=None,
                    help="directory with train_val_list.txt and test_list.txt (default: --data)")
     p.add_argument("--shard-rows", type=int, default=None,
@@ -215,6 +228,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     recipe = cohorts.CohortConfig(
         negatives=args.negatives, seed=args.seed, test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction,
         split=args.split, split_dir=args.split_dir or args.data,
     )
     config = PrepareConfig(

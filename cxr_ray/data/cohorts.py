@@ -8,9 +8,12 @@ A cohort is the image set one classifier is trained and tested on:
 * the **one-class** (anomaly) cohort ``OneClass``: 2,800 ``No Finding`` images (inliers,
   0) and 200 images of each disease (anomalies, 1), disjoint across diseases.
 
-Split (docs/study.md §2, decided): 1:4 test:train **by patient** — no patient has images on both
-sides — seeded and reproducible; or the official NIH lists (``train_val_list.txt`` /
-``test_list.txt``).  Everything here is pure pandas/numpy: no Ray, no torch.
+Splits (docs/study.md §2): three, **by patient** — no patient has images on two sides —
+seeded and reproducible. ``test`` is the study's 1:4 test:train split (or the official NIH
+``test_list.txt``); ``val`` is carved from the training side, whole patients, 1/8 of its
+images by default (so 70/10/20). The study had no validation split and selected on its test
+numbers; here checkpoints, thresholds and targets are chosen on ``val`` and ``test`` is only
+reported. Everything here is pure pandas/numpy: no Ray, no torch.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ PAPER_NEGATIVES: dict[str, int] = {
     "Pleural_Thickening": 3500, "Hernia": 250,
 }
 OFFICIAL_LISTS = ("train_val_list.txt", "test_list.txt")
+#: The three splits, in the order of a cohort table's ``split`` column values.
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,12 @@ class CohortConfig:
     negatives: str = "ratio"
     """``ratio``: as many No Finding negatives as positives (1:1); ``paper``: Table 2 counts."""
     seed: int = 0
-    """Seed for negative sampling, the one-class draw and the patient-wise split."""
+    """Seed for negative sampling, the one-class draw and the patient-wise splits (the
+    experiment's split seed: training seeds never change the splits)."""
     test_fraction: float = 0.2
     """Fraction of a cohort's images in the test split (the study's 1:4 test:train)."""
+    val_fraction: float = 0.125
+    """Fraction of the training side's images (whole patients) held out as validation."""
     split: str = "patient"
     """``patient``: seeded patient-wise split; ``official``: NIH split lists from ``split_dir``."""
     split_dir: Path | None = None
@@ -68,6 +76,9 @@ class CohortConfig:
             raise UserError(f"split={self.split!r}: use 'patient' or 'official'")
         if not 0.0 < self.test_fraction < 1.0:
             raise UserError(f"test_fraction={self.test_fraction}: must be between 0 and 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"val_fraction={self.val_fraction}: must be between 0 and 1 "
+                            "(model selection needs a validation split)")
 
 
 def resolve_cohort(name: str) -> str:
@@ -123,15 +134,17 @@ def select(meta: pd.DataFrame, cohort: str, config: CohortConfig) -> pd.DataFram
     })
 
 
-def patient_split(frame: pd.DataFrame, test_fraction: float, seed: int, name: str) -> np.ndarray:
+def patient_split(frame: pd.DataFrame, test_fraction: float, seed: int, name: str,
+                  part: str = "split") -> np.ndarray:
     """Boolean ``is_test`` per row: whole patients, about ``test_fraction`` of the images.
 
     Patients are visited in a seeded random order and put in the test split while that
     keeps the test image count at or below the target, so the fraction is met closely
-    even when a few patients have many images.
+    even when a few patients have many images. ``part`` names the draw (``split`` for
+    test, ``val`` for validation), so the two draws are independent.
     """
     patients, counts = np.unique(frame["patient_id"].to_numpy(), return_counts=True)
-    order = _rng(seed, "split", name).permutation(len(patients))
+    order = _rng(seed, part, name).permutation(len(patients))
     target = test_fraction * len(frame)
     in_test = np.zeros(len(patients), dtype=bool)
     total = 0
@@ -171,7 +184,7 @@ def read_official_lists(split_dir: Path | None, meta: pd.DataFrame) -> set[str]:
 
 def build(meta: pd.DataFrame, cohort: str, config: CohortConfig,
           official_test: set[str] | None = None) -> pd.DataFrame:
-    """One cohort: ``image_index, patient_id, label, split`` (``train``/``test``)."""
+    """One cohort: ``image_index, patient_id, label, split`` (``train``/``val``/``test``)."""
     cohort = resolve_cohort(cohort)
     frame = select(meta, cohort, config)
     if config.split == "official":
@@ -180,9 +193,27 @@ def build(meta: pd.DataFrame, cohort: str, config: CohortConfig,
         is_test = frame["image_index"].isin(official_test).to_numpy()
     else:
         is_test = patient_split(frame, config.test_fraction, config.seed, cohort)
-    frame["split"] = np.where(is_test, "test", "train")
+    split = np.where(is_test, "test", "train").astype(object)
+    train = np.flatnonzero(~is_test)  # validation: whole patients of the training side
+    is_val = patient_split(frame.iloc[train], config.val_fraction, config.seed, cohort, "val")
+    split[train[is_val]] = "val"
+    frame["split"] = split
     frame.insert(0, "cohort", cohort)
+    check_disjoint(frame)
     return frame
+
+
+def check_disjoint(frame: pd.DataFrame) -> None:
+    """Raise unless every patient of a cohort table is on one side of the splits only."""
+    sides = frame.groupby("patient_id")["split"].nunique()
+    leaked = sides[sides > 1]
+    if len(leaked):
+        patient = leaked.index[0]
+        where = sorted(frame.loc[frame["patient_id"] == patient, "split"].unique())
+        name = frame["cohort"].iloc[0] if "cohort" in frame else "cohort"
+        raise UserError(f"{name}: {len(leaked)} patient(s) have images in more than one split, "
+                        f"e.g. patient {patient} in {'/'.join(where)}; with --split official "
+                        "the split lists must keep each patient on one side")
 
 
 def build_all(meta: pd.DataFrame, config: CohortConfig,
@@ -193,26 +224,23 @@ def build_all(meta: pd.DataFrame, config: CohortConfig,
 
 
 def summarize(cohorts: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
-    """Per cohort: positives, negatives, train/test images and patients."""
+    """Per cohort: positives, negatives, and the images and patients of each split."""
     out = {}
     for name, frame in cohorts.items():
-        train = frame[frame["split"] == "train"]
-        test = frame[frame["split"] == "test"]
-        out[name] = {
-            "positives": int((frame["label"] == 1).sum()),
-            "negatives": int((frame["label"] == 0).sum()),
-            "train": len(train),
-            "test": len(test),
-            "train_patients": int(train["patient_id"].nunique()),
-            "test_patients": int(test["patient_id"].nunique()),
-        }
+        row = {"positives": int((frame["label"] == 1).sum()),
+               "negatives": int((frame["label"] == 0).sum())}
+        parts = {split: frame[frame["split"] == split] for split in SPLITS}
+        row.update({split: len(part) for split, part in parts.items()})
+        row.update({f"{split}_patients": int(part["patient_id"].nunique())
+                    for split, part in parts.items()})
+        out[name] = row
     return out
 
 
 def format_summary(summary: dict[str, dict[str, int]]) -> str:
-    cols = ("positives", "negatives", "train", "test", "train_patients", "test_patients")
-    heads = ("positives", "negatives", "train", "test", "train pat.", "test pat.")
-    lines = [f"{'cohort':<20}" + "".join(f"{h:>12}" for h in heads)]
+    cols = ("positives", "negatives", *SPLITS, *(f"{s}_patients" for s in SPLITS))
+    heads = ("positives", "negatives", *SPLITS, *(f"{s} pat." for s in SPLITS))
+    lines = [f"{'cohort':<20}" + "".join(f"{h:>11}" for h in heads)]
     for name, row in summary.items():
-        lines.append(f"{name:<20}" + "".join(f"{row[c]:>12}" for c in cols))
+        lines.append(f"{name:<20}" + "".join(f"{row[c]:>11}" for c in cols))
     return "\n".join(lines)

@@ -226,7 +226,7 @@ def _plan(config: PrepareConfig) -> PreparePlan:
         "size": config.size,
         "resize": decode.RESAMPLE_NAME,
         "cohorts": {"negatives": cc.negatives, "seed": cc.seed, "test_fraction": cc.test_fraction,
-                    "split": cc.split, "one_class_inliers": cc.one_class_inliers,
+                    "val_fraction": cc.val_fraction, "split": cc.split, "one_class_inliers": cc.one_class_inliers,
                     "one_class_per_disease": cc.one_class_per_disease},
     }
     h = hashlib.sha256()
@@ -254,6 +254,15 @@ def _metadata_path(config: PrepareConfig) -> str:
                 "lists that is not on disk will be quarantined as missing",
                 config.data, ", ".join(METADATA_NAMES), path)
     return str(path)
+
+
+def _sha256(path: str | Path) -> str:
+    """Hash of a file's bytes: which metadata table produced a shard set (and its splits)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _check_unique_ids(names: list[str], ids: np.ndarray) -> None:
@@ -388,14 +397,14 @@ def _assemble(plan: PreparePlan, staging: Path, ray_stats: dict[str, float],
             "label": pa.array(kept["label"].to_numpy(np.int8)),
         })
         pq.write_table(table, new / COHORTS_DIR / f"{name}.parquet", compression=COMPRESSION)
-        train, test = kept["split"] == "train", kept["split"] == "test"
         pos = kept["label"] == 1
-        cohort_counts[name] = {
-            "train": int(train.sum()), "test": int(test.sum()),
-            "positives": int(pos.sum()), "negatives": int((~pos).sum()),
-            "train_positives": int((train & pos).sum()), "test_positives": int((test & pos).sum()),
-            "quarantined": int((~keep).sum()),
-        }
+        cohort_counts[name] = {"positives": int(pos.sum()), "negatives": int((~pos).sum()),
+                               "quarantined": int((~keep).sum())}
+        for split in cohorts.SPLITS:
+            part = kept["split"] == split
+            cohort_counts[name][split] = int(part.sum())
+            cohort_counts[name][f"{split}_positives"] = int((part & pos).sum())
+            cohort_counts[name][f"{split}_patients"] = int(kept.loc[part, "patient_id"].nunique())
 
     modes = Counter(ok.column("source_mode").to_pylist())
     widths = np.asarray(ok.column("source_width").to_pylist(), dtype=np.int64)
@@ -407,6 +416,8 @@ def _assemble(plan: PreparePlan, staging: Path, ray_stats: dict[str, float],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cxr_ray_version": _version(),
         "source": {"data": str(Path(cfg.data).resolve()), "metadata": plan.metadata_path,
+                   "metadata_sha256": _sha256(plan.metadata_path),
+                   "split_seed": cfg.cohort.seed,
                    "split_dir": str(cfg.cohort.split_dir) if cfg.cohort.split_dir else None},
         "settings": plan.settings,
         "inputs_fingerprint": plan.fingerprint,

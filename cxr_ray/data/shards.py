@@ -8,6 +8,7 @@ Layout (``SHARDS`` = ``cxr-ray prepare --out``)::
     SHARDS/quarantine.csv               image_index,reason: every listed image not written
     SHARDS/images/part-00000.parquet …  one row per written image (each decoded once)
     SHARDS/cohorts/<Cohort>.parquet     image_index, image_id, patient_id, split, label
+                                    (split: train / val / test, whole patients)
     SHARDS/.lock                        flock held while a prepare runs
     SHARDS/.staging-<pid>-<hex>/        a run in progress (cleaned by the next run)
 
@@ -48,12 +49,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from cxr_ray.data.augment import AugmentConfig
 
 #: Bump when the shard layout or manifest schema changes incompatibly.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: three splits (train/val/test)
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.csv"
 IMAGES = "images"
 COHORTS_DIR = "cohorts"
-SPLITS = ("train", "test")
+SPLITS = cohorts.SPLITS
 
 
 def read_manifest(out: Path) -> dict[str, Any] | None:
@@ -121,7 +122,7 @@ def cohort_table(shards: Shards | str | Path, cohort: str, split: str | None = N
     table = pq.read_table(path).to_pandas()
     if split is not None:
         if split not in SPLITS:
-            raise UserError(f"split {split!r}: use 'train' or 'test'")
+            raise UserError(f"split {split!r}: use one of {', '.join(SPLITS)}")
         table = table[table["split"] == split].reset_index(drop=True)
     return table
 
@@ -142,7 +143,7 @@ def model_batch(batch: dict[str, Any], split: str, *, epoch: int = 0, seed: int 
     from cxr_ray.data import augment
 
     if split not in SPLITS:
-        raise ValueError(f"split {split!r}: use 'train' or 'test'")
+        raise ValueError(f"split {split!r}: use one of {', '.join(SPLITS)}")
     images = torch.as_tensor(batch["image"])
     labels = torch.as_tensor(batch["label"]).to(torch.float32)
     if device is not None:
@@ -165,7 +166,7 @@ def train_transform(batch: dict[str, Any], *, epoch: int, seed: int = 0,
 
 def eval_transform(batch: dict[str, Any], *,
                    device: "torch.device | str | None" = None) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """:func:`model_batch` for the test split (never augmented)."""
+    """:func:`model_batch` for an evaluation split (never augmented)."""
     return model_batch(batch, "test", device=device)
 
 

@@ -25,9 +25,13 @@ def test_cohorts_json_on_the_default_metadata():
     assert {k: (v["exact"], v["anywhere"]) for k, v in out["classes"].items()} == TABLE_1
     assert len(out["cohorts"]) == 15 and "OneClass" in out["cohorts"]
     row = out["cohorts"]["Atelectasis"]
-    assert set(row) == {"positives", "negatives", "train", "test", "train_patients", "test_patients"}
+    assert set(row) == {"positives", "negatives", "train", "val", "test", "train_patients",
+                        "val_patients", "test_patients"}
     assert row["positives"] == 11559 and row["negatives"] == 11559
-    assert row["train"] + row["test"] == 2 * 11559
+    assert row["train"] + row["val"] + row["test"] == 2 * 11559
+    # 70 / 10 / 20 by patient: the study's test fraction; 1/8 of the training side validates
+    assert abs(row["test"] / (2 * 11559) - 0.2) < 0.005
+    assert abs(row["val"] / (row["train"] + row["val"]) - 0.125) < 0.005
 
 
 def test_cohorts_table_and_synth_round_trip(tmp_path):

@@ -39,10 +39,11 @@ def test_paper_preset_uses_table_2_negatives(real_meta):
     summary = cohorts.summarize(built)
     for disease, n in PAPER_NEGATIVES.items():
         assert summary[disease]["negatives"] == n
-    # The study's train/test sizes (docs/study.md §2) within a few images of rounding.
+    # The study's train/test sizes (docs/study.md §2) within a few images of rounding; our
+    # validation split is carved from the study's training side.
     for disease, (train, test) in {"Atelectasis": (18847, 4712), "Infiltration": (31915, 7979),
                                    "Hernia": (381, 96), "Pneumonia": (2344, 587)}.items():
-        assert abs(summary[disease]["train"] - train) <= 2
+        assert abs(summary[disease]["train"] + summary[disease]["val"] - train) <= 2
         assert abs(summary[disease]["test"] - test) <= 2
 
 
@@ -63,11 +64,32 @@ def test_one_class_cohort(real_meta, ratio):
 def test_no_patient_on_both_sides_of_any_split(real_meta, seed):
     built = cohorts.build_all(real_meta, CohortConfig(seed=seed))
     for name, frame in built.items():
-        train = set(frame.patient_id[frame.split == "train"])
-        test = set(frame.patient_id[frame.split == "test"])
-        assert not train & test, name
+        sides = {s: set(frame.patient_id[frame.split == s]) for s in cohorts.SPLITS}
+        assert not sides["train"] & sides["test"], name
+        assert not sides["train"] & sides["val"], name
+        assert not sides["val"] & sides["test"], name
+        assert set(frame.split) == set(cohorts.SPLITS), name
         frac = (frame.split == "test").mean()
         assert 0.19 <= frac <= 0.201, (name, frac)
+        val = (frame.split == "val").sum() / (frame.split != "test").sum()
+        assert 0.115 <= val <= 0.126, (name, val)  # 1/8 of the training side
+
+
+def test_validation_leaves_the_test_split_as_it_was(real_meta, ratio):
+    """Carving validation from the training side never moves a test image."""
+    for name, frame in ratio.items():
+        patients = frame.patient_id.to_numpy()
+        is_test = cohorts.patient_split(frame, 0.2, 0, name)
+        assert ((frame.split == "test").to_numpy() == is_test).all(), name
+        assert len(set(patients[is_test])) == frame.patient_id[frame.split == "test"].nunique()
+
+
+def test_a_leak_is_a_one_line_error():
+    frame = pd.DataFrame({"cohort": "Mass", "image_index": ["a", "b", "c"],
+                          "patient_id": [7, 7, 8], "label": [1, 0, 1],
+                          "split": ["train", "test", "val"]})
+    with pytest.raises(UserError, match="Mass: 1 patient.*patient 7 in test/train"):
+        cohorts.check_disjoint(frame)
 
 
 def test_same_seed_same_split_other_seed_different(real_meta, ratio):
@@ -91,8 +113,11 @@ def test_official_split_mode(real_meta, tmp_path):
     _write_lists(tmp_path, names[~is_test], names[is_test])
     built = cohorts.build_all(real_meta, CohortConfig(split="official", split_dir=tmp_path))
     for frame in built.values():
-        expected = np.where(frame.patient_id >= 25000, "test", "train")
-        assert (frame.split.to_numpy() == expected).all()
+        split = frame.split.to_numpy()
+        assert ((split == "test") == (frame.patient_id >= 25000)).all()
+        # validation: whole patients of the official train_val list, about 1/8 of its images
+        train_side = split != "test"
+        assert 0.09 < (split[train_side] == "val").mean() < 0.16
 
 
 def test_official_split_errors(real_meta, tmp_path):
