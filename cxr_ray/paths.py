@@ -10,6 +10,8 @@ A run directory (``cxr-ray train --out RUN``, or ``EXP/<stage>/<run>`` in a swee
     RUN/summary.json                 what the run returned, written last (= finished)
     RUN/tensorboard/                 one TensorBoard run: per-step and per-epoch scalars
     RUN/checkpoint_epoch_0003/checkpoint.pt   the kept checkpoints (best k + the latest)
+    RUN/predictions/epoch_0003.npz   per-image val and test scores of the selected epoch
+                                     (best by the validation metric) and of the latest
 
 An experiment directory (``storage_path/name`` of a sweep recipe)::
 
@@ -39,6 +41,7 @@ SUMMARY_FILE = "summary.json"
 TB_DIR = "tensorboard"
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
+PREDICTIONS_DIR = "predictions"
 
 # --------------------------------------------------------------------------- LR range test
 LR_FIND_FILE = "lr_find.json"
@@ -66,6 +69,12 @@ def checkpoint_epoch(folder: Path) -> int | None:
         return None
     tail = name[len(CHECKPOINT_PREFIX):]
     return int(tail) if tail.isdigit() else None
+
+
+def predictions_file(run: Path, epoch: int) -> Path:
+    """Per-image scores of the epoch ``epoch`` of a run: for ``split`` in val/test the arrays
+    ``{split}_image_id``, ``{split}_patient_id``, ``{split}_score``, ``{split}_label``."""
+    return Path(run) / PREDICTIONS_DIR / f"epoch_{epoch:04d}.npz"
 
 
 def run_dir(experiment: Path, stage: str, run_name: str) -> Path:

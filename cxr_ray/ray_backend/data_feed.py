@@ -53,12 +53,15 @@ from cxr_ray.train.feed import ArrayFeed, Feed, rank_rows
 SHUFFLE_BATCHES = 16
 
 
-def feeds(plan: RunPlan, rank: int, world: int) -> tuple[Feed, Feed]:
-    """The ``(train, test)`` feeds of ``rank`` of ``world`` (a ``MakeFeeds``)."""
+def feeds(plan: RunPlan, rank: int, world: int) -> tuple[Feed, dict[str, Feed]]:
+    """The train feed and the ``{"val", "test"}`` feeds of ``rank`` of ``world`` (a
+    ``MakeFeeds``): the evaluation splits are small and never augmented, so they are
+    read into the rank's memory."""
     sh = shard_io.open_shards(plan.shards, expect_size=plan.image_size)
-    test = ArrayFeed(shard_io.read_split(sh, plan.cohort, "test"), rank=rank, world=world,
-                     seed=plan.seed, shuffle=False)
-    return RayDataFeed(plan, rank=rank, world=world, shards=sh), test
+    evals = {split: ArrayFeed(shard_io.read_split(sh, plan.cohort, split), rank=rank,
+                              world=world, seed=plan.seed, shuffle=False)
+             for split in ("val", "test")}
+    return RayDataFeed(plan, rank=rank, world=world, shards=sh), evals
 
 
 def split_index(sh: shard_io.Shards, cohort: str, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ Launch (after ``cxr-ray prepare``)::
         --init-from runs/ptx-stage1 --policy triangular --lr-bounds runs/ptx-lrfind/lr_find.json
 
 The worker function is the plain loop (:func:`cxr_ray.train.run.run_rank`) plus the Ray
-calls numbered below. Data: the driver reads the cohort's two splits from the Parquet shards
+calls numbered below. Data: the driver reads the cohort's three splits from the Parquet shards
 once into Ray's object store and every worker maps them zero-copy and takes its share
 (:class:`~cxr_ray.train.feed.ArrayFeed`): no Ray Data actors or tasks per run or epoch, which
 on a small machine cost more than an epoch of a small cohort. With ``augment_on =
@@ -100,13 +100,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if plan.augment_on == "ray_data":
         from cxr_ray.ray_backend import data_feed
 
-        train_feed, test_feed = data_feed.feeds(plan, rank, world)
+        train_feed, eval_feeds = data_feed.feeds(plan, rank, world)
     else:
-        train_feed, test_feed = (
+        train_feed, *evals = (
             ArrayFeed(ray.get(config["data"][split]), rank=rank, world=world, seed=plan.seed,
-                      shuffle=split == "train") for split in ("train", "test"))
+                      shuffle=split == "train") for split in ("train", *runs.EVAL_SPLITS))
+        eval_feeds = dict(zip(runs.EVAL_SPLITS, evals))
     lr_find = LrFindSpec(**config["lr_find"]) if config.get("lr_find") else None
-    runs.run_rank(plan, ctx, train_feed, test_feed,
+    runs.run_rank(plan, ctx, train_feed, eval_feeds,
                   checkpoint_metric=config["checkpoint_metric"], lr_find=lr_find)
 
 
@@ -122,7 +123,7 @@ def trainer(config: TrainConfig, plan: RunPlan, run_dir: Path, *,
     if plan.augment_on == "trainer":  # the splits in the object store; the workers shard them
         sh = shard_io.open_shards(plan.shards)
         loop_config["data"] = {split: ray.put(shard_io.read_split(sh, plan.cohort, split))
-                               for split in ("train", "test")}
+                               for split in ("train", *runs.EVAL_SPLITS)}
     resources = {"CPU": cpus, **config.worker_resources}
     if plan.gpu:
         resources["GPU"] = config.gpus_per_worker

@@ -28,9 +28,12 @@ log = logging.getLogger(__name__)
 PRESETS = ("paper", "none")
 LAUNCHERS = ("auto", "ray_train", "process")
 AUGMENT_ON = ("trainer", "ray_data")
-#: Per-epoch metrics a run can keep its best checkpoints by (``checkpoint_metric``).
-SCORE_METRICS = {"test_auc": "max", "test_accuracy": "max", "test_loss": "min",
-                 "test_sensitivity": "max", "test_specificity": "max", "train_loss": "min"}
+#: Per-epoch metrics a run can keep its best checkpoints by (``checkpoint_metric``): the
+#: validation split's, never the test split's (test is reported, not selected on).
+SCORE_METRICS = {"val_auc": "max", "val_accuracy": "max", "val_loss": "min",
+                 "val_sensitivity": "max", "val_specificity": "max", "train_loss": "min"}
+#: The accuracy ``stop_at`` and the sweep's targets are read from.
+SELECTION_ACCURACY = "val_accuracy"
 
 
 # =========================================================================== config
@@ -72,11 +75,13 @@ class TrainConfig:
     base_lr: float | None = None
     """lr of step 0 / lower CLR bound. Paper: Table 4's lr0, or Table 8's base for CLR."""
     max_lr: float | None = None
-    """Upper CLR / one-cycle bound. Paper: Table 8 for the CLR policies."""
+    """Upper CLR / one-cycle / warmup_cosine / sgdr bound. Paper: Table 8 for the CLR
+    policies."""
     lr_bounds: str | None = None
     """JSON with ``base_lr`` and ``max_lr`` (``cxr-ray lr-find``'s ``lr_find.json``); flags win."""
     step_size_epochs: float | None = None
-    """CLR half cycle in epochs (converted to optimizer steps). Paper: 2."""
+    """CLR half cycle in epochs (converted to optimizer steps; ``sgdr`` restarts every
+    twice this). Paper: 2."""
     decay: float | None = None
     """Keras time decay on top of the policy. Paper: Table 4's for ``time_decay``, else 0."""
     gamma: float = 1.0
@@ -121,8 +126,10 @@ class TrainConfig:
     trainers). Both give the same image for the same (seed, epoch, image)."""
     data_cpus: float = 1.0
     """With ``augment_on = "ray_data"``: CPUs a trial reserves for its Ray Data tasks."""
-    checkpoint_metric: str = "test_auc"
-    """Per-epoch metric ranking the kept checkpoints (:data:`SCORE_METRICS`)."""
+    checkpoint_metric: str = "val_auc"
+    """Per-epoch validation metric that selects the run's model: it ranks the kept
+    checkpoints, and the best epoch by it gives the run's headline test numbers
+    (:data:`SCORE_METRICS`)."""
     keep_checkpoints: int = 2
     """Best checkpoints kept by ``checkpoint_metric`` (the latest is always kept too)."""
     max_failures: int = 3
@@ -136,7 +143,7 @@ class TrainConfig:
     """Extra (custom) resources every worker asks for, on top of its CPUs/GPU, e.g.
     ``{"gpu_node": 0.01}`` to put workers on the autoscaled GPU nodes of ``cluster.yaml``."""
     stop_at: float | None = None
-    """Stop once an epoch's test accuracy reaches this (a target fixed before the run starts);
+    """Stop once an epoch's validation accuracy reaches this (a target fixed before the run starts);
     a run stopped there is compared on epochs and compute to the target only."""
     throttle_s: float = 0.0
     """Testing aid: sleep this long after every optimizer step (lets a test kill a worker
@@ -189,7 +196,7 @@ class TrainConfig:
                                           and math.isfinite(value)):
                 raise bad(key, f"must be a number > 0, got {value!r}")
         if self.stop_at is not None and not 0 < self.stop_at <= 1:
-            raise bad("stop_at", f"a test accuracy in (0, 1], got {self.stop_at!r}")
+            raise bad("stop_at", f"a validation accuracy in (0, 1], got {self.stop_at!r}")
         if self.decay is not None and not self.decay >= 0:
             raise bad("decay", f"must be >= 0, got {self.decay!r}")
         for name, amount in self.worker_resources.items():
@@ -199,8 +206,11 @@ class TrainConfig:
         if self.max_failures < -1:
             raise bad("max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
         if self.checkpoint_metric not in SCORE_METRICS:
+            hint = (f"; models are selected on the validation split: use "
+                    f"val_{self.checkpoint_metric[5:]}"
+                    if self.checkpoint_metric.startswith("test_") else "")
             raise bad("checkpoint_metric", f"{self.checkpoint_metric!r} is not one of "
-                      f"{', '.join(SCORE_METRICS)}")
+                      f"{', '.join(SCORE_METRICS)}{hint}")
         if self.batch_size is not None and self.batch_size % self.workers:
             raise bad("batch_size", f"{self.batch_size} (global) is not divisible by "
                       f"workers={self.workers}")
@@ -243,6 +253,7 @@ class RunPlan:
     steps_per_epoch: int
     train_images: int
     test_images: int
+    val_images: int
     seed: int
     augment: bool
     amp: bool | None
@@ -260,7 +271,7 @@ class RunPlan:
         """All epochs done, or the last one reached ``stop_at``."""
         if len(history) >= self.epochs:
             return True
-        acc = history[-1].get("test_accuracy") if history else None
+        acc = history[-1].get(SELECTION_ACCURACY) if history else None
         return self.stop_at is not None and acc is not None and acc >= self.stop_at
 
     #: Fields a re-run may change without starting a new run.
@@ -279,7 +290,7 @@ class RunPlan:
         d = self.to_dict()
         for key in self.MUTABLE:
             d.pop(key, None)
-        if self.policy.get("name") == "one_cycle":
+        if self.policy.get("name") in schedules.TOTAL_STEPS_POLICIES:
             d["policy"] = {k: v for k, v in self.policy.items() if k != "total_steps"}
         return d
 
@@ -305,6 +316,7 @@ def plan_run(config: TrainConfig, run_dir: str | Path = "") -> RunPlan:
     table = shard_io.cohort_table(shards, c.cohort)
     n_train = int((table["split"] == "train").sum())
     n_test = int((table["split"] == "test").sum())
+    n_val = int((table["split"] == "val").sum())
     paper = c.preset == "paper"
     batch = c.batch_size or (presets.batch_size(c.cohort) if paper else 32)
     if batch % c.workers:
@@ -315,8 +327,10 @@ def plan_run(config: TrainConfig, run_dir: str | Path = "") -> RunPlan:
     if spe < 1:
         raise UserError(f"cohort {c.cohort} has {n_train} training images in {shards.root}: too "
                         f"few for a batch of {worker_batch} on each of {c.workers} worker(s)")
-    if n_test < 1:
-        raise UserError(f"cohort {c.cohort} has no test images in {shards.root}")
+    for split, n in (("test", n_test), ("validation", n_val)):
+        if n < 1:
+            raise UserError(f"cohort {c.cohort} has no {split} images in {shards.root}; "
+                            "re-run cxr-ray prepare with more images or other split fractions")
 
     stage1 = presets.stage1_recipe(c.cohort)
     opt = optimizers.OptimizerConfig(
@@ -334,7 +348,7 @@ def plan_run(config: TrainConfig, run_dir: str | Path = "") -> RunPlan:
         cohort=c.cohort, shards=str(shards.root.resolve()), image_size=size, model=model_cfg,
         optimizer=dataclasses.asdict(opt), policy=policy.to_dict(), epochs=c.epochs,
         batch_size=batch, worker_batch=worker_batch, workers=c.workers, steps_per_epoch=spe,
-        train_images=n_train, test_images=n_test, seed=c.seed, augment=c.augment, amp=c.amp,
+        train_images=n_train, test_images=n_test, val_images=n_val, seed=c.seed, augment=c.augment, amp=c.amp,
         threads=c.threads or 1, gpu=c.gpu, channels_last=c.channels_last,
         augment_on=c.augment_on,
         init_from=str(init) if init else None, log_every=c.log_every, run_dir=str(run_dir),
@@ -369,7 +383,8 @@ def _resolve_policy(c: TrainConfig, paper: bool, stage1: presets.Stage1Recipe,
                         "cxr-ray lr-find)")
     return schedules.PolicyConfig(
         name=name, base_lr=base, max_lr=top, step_size=max(1, round(step_epochs * spe)),
-        gamma=c.gamma, decay=c.decay or 0.0, total_steps=c.epochs * spe if name == "one_cycle" else None,
+        gamma=c.gamma, decay=c.decay or 0.0,
+        total_steps=c.epochs * spe if name in schedules.TOTAL_STEPS_POLICIES else None,
         pct_start=c.pct_start).validate()
 
 

@@ -12,7 +12,11 @@ the model, where the last checkpoint is and how to persist one) and the rank's
   cxr-ray's own checkpoint files.
 
 Both write the same run directory (:mod:`cxr_ray.paths`), history, TensorBoard tags and
-checkpoints. The loop owns the step counter: the lr of step ``t`` is
+checkpoints. Every epoch evaluates the validation split (which selects the model: checkpoint
+ranking, the operating threshold by Youden's J, ``stop_at``) and the test split (reported:
+at 0.5 and at the validation-chosen threshold); rank 0 keeps the per-image scores of the
+selected epoch and of the latest (``RUN/predictions/``) for the report's confidence
+intervals and paired comparisons. The loop owns the step counter: the lr of step ``t`` is
 ``lr_at(policy, t)``, set by the policy hook before the step; a checkpoint holds ``t``.
 """
 
@@ -29,12 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from cxr_ray import metrics as M
-from cxr_ray import models
+from cxr_ray import models, stats
 from cxr_ray.data import shards as shard_io
 from cxr_ray.data.augment import AugmentConfig
 from cxr_ray.optim import optimizers, schedules
 from cxr_ray.train import checkpoint as ck
-from cxr_ray.train.config import RunPlan
+from cxr_ray.train.config import SCORE_METRICS, RunPlan
 from cxr_ray.train.feed import Feed, Timed
 from cxr_ray.train.runlog import LoopState, RunLog
 
@@ -169,11 +173,26 @@ def train_epoch(plan: RunPlan, ctx: RankContext, model, optimizer, policy, feed:
             "data_wait_seconds": float(sums[5]) / ctx.world_size}
 
 
+@dataclass
+class Scores:
+    """One evaluation split's per-image outputs, every rank's share gathered, one row per
+    image (sorted by image id)."""
+
+    image_id: np.ndarray
+    score: np.ndarray
+    """``sigmoid(logit)``, float64."""
+    label: np.ndarray
+    loss: float
+
+    def metrics(self, threshold: float = M.THRESHOLD) -> dict[str, float]:
+        return M.binary_metrics(self.score, self.label, threshold)
+
+
 @torch.no_grad()
 def evaluate(plan: RunPlan, ctx: RankContext, model, feed: Feed,
-             expect: int | None = None) -> dict[str, float]:
-    """Scores of this rank's test share, gathered from every rank and de-duplicated by image
-    id, → loss and the metrics of :mod:`cxr_ray.metrics` over the whole test split."""
+             expect: int | None = None) -> Scores:
+    """Scores of this rank's share of an evaluation split, gathered from every rank and
+    de-duplicated by image id: the whole split, on every rank."""
     net = ck.unwrap(model)  # no DDP in evaluation: shares may differ in size
     broadcast_buffers(net)  # every rank evaluates rank 0's model, the one checkpointed
     net.eval()
@@ -187,16 +206,36 @@ def evaluate(plan: RunPlan, ctx: RankContext, model, feed: Feed,
         labels.append(y.cpu())
     local = [torch.cat(t).numpy() if t else np.zeros(0) for t in (ids, logits, labels)]
     ids_all, z, y = (np.concatenate(parts) for parts in zip(*all_gather(local)))
-    _, first = np.unique(ids_all.astype(np.int64), return_index=True)
-    z, y = z[first], y[first]
+    ids_all, first = np.unique(ids_all.astype(np.int64), return_index=True)
+    z, y = z[first].astype(np.float64), y[first]
     if expect is not None and len(first) != expect:
-        log.warning("evaluated %d distinct test images, expected %d", len(first), expect)
-    probs = 1.0 / (1.0 + np.exp(-z))
-    return {**M.binary_metrics(probs, y), "loss": M.bce_with_logits(z, y)}
+        log.warning("evaluated %d distinct images, expected %d", len(first), expect)
+    return Scores(ids_all, 1.0 / (1.0 + np.exp(-z)), y.astype(np.int8),
+                  M.bce_with_logits(z, y))
+
+
+#: The metrics of an evaluation split in an epoch's record (``val_*``, ``test_*``).
+SPLIT_METRICS = ("loss", "accuracy", "auc", "sensitivity", "specificity")
+
+
+def eval_record(val: Scores, test: Scores) -> dict[str, Any]:
+    """An epoch's evaluation metrics: both splits at 0.5; the operating threshold chosen on
+    validation (Youden's J); the test split at that threshold."""
+    threshold = stats.youden_threshold(val.score, val.label)
+    record: dict[str, Any] = {}
+    for split, scores in (("val", val), ("test", test)):
+        m = {**scores.metrics(), "loss": scores.loss}
+        record.update({f"{split}_{k}": m[k] for k in SPLIT_METRICS})
+        record[f"{split}_images"] = int(m["images"])
+    record["val_threshold"] = threshold
+    at = test.metrics(threshold)
+    record.update({f"test_{k}_at_threshold": at[k]
+                   for k in ("accuracy", "sensitivity", "specificity")})
+    return record
 
 
 def epoch_record(plan: RunPlan, state: LoopState, epoch: int, train: dict[str, float],
-                 test: dict[str, float], train_s: float, eval_s: float) -> dict[str, Any]:
+                 evals: dict[str, Any], train_s: float, eval_s: float) -> dict[str, Any]:
     """The history line of one epoch (NaN → None so the JSON stays strict)."""
     n = max(train["images"], 1.0)
     prev = state.history[-1]["elapsed_seconds"] if state.history else 0.0
@@ -205,9 +244,7 @@ def epoch_record(plan: RunPlan, state: LoopState, epoch: int, train: dict[str, f
         "epoch": epoch + 1, "step": state.step,
         "train_loss": train["bce"] / n, "train_objective": train["loss"] / n,
         "train_accuracy": train["correct"] / n, "train_images": int(train["images"]),
-        "test_loss": test["loss"], "test_accuracy": test["accuracy"], "test_auc": test["auc"],
-        "test_sensitivity": test["sensitivity"], "test_specificity": test["specificity"],
-        "test_images": int(test["images"]),
+        **evals,
         "lr_last": float(schedules.lr_at(policy, state.step - 1)) if state.step else None,
         "images_per_s": train["images"] / train_s if train_s > 0 else None,
         "train_seconds": train_s, "train_cpu_seconds": train["cpu_seconds"],
@@ -220,13 +257,15 @@ def epoch_record(plan: RunPlan, state: LoopState, epoch: int, train: dict[str, f
             for k, v in record.items()}
 
 
-def train(plan: RunPlan, ctx: RankContext, train_feed: Feed, test_feed: Feed):
-    """Train the epochs the run still lacks: train → evaluate → log → checkpoint.
-    → (model, optimizer, state) at the end."""
+def train(plan: RunPlan, ctx: RankContext, train_feed: Feed, eval_feeds: dict[str, Feed],
+          checkpoint_metric: str = "val_auc"):
+    """Train the epochs the run still lacks: train → evaluate (val, test) → log →
+    checkpoint. → (model, optimizer, state) at the end."""
     model, optimizer, policy = setup(plan, ctx)
     state = restore(ctx.last_checkpoint(), model, optimizer)
     runlog = RunLog(plan.to_dict(), state, ctx.rank, launcher=ctx.launcher)
     plan_dict = plan.to_dict()
+    expect = {"val": plan.val_images, "test": plan.test_images}
     for epoch in range(state.epoch, plan.epochs):
         if plan.finished(state.history):  # reached stop_at
             break
@@ -234,10 +273,14 @@ def train(plan: RunPlan, ctx: RankContext, train_feed: Feed, test_feed: Feed):
         sums = train_epoch(plan, ctx, model, optimizer, policy, train_feed, epoch, state,
                            runlog)
         t1 = time.perf_counter()
-        test = evaluate(plan, ctx, model, test_feed, expect=plan.test_images)
-        record = epoch_record(plan, state, epoch, sums, test, t1 - t0, time.perf_counter() - t1)
+        scores = {split: evaluate(plan, ctx, model, eval_feeds[split], expect=expect[split])
+                  for split in ("val", "test")}
+        record = epoch_record(plan, state, epoch, sums, eval_record(scores["val"],
+                              scores["test"]), t1 - t0, time.perf_counter() - t1)
         runlog.epoch(record)
         state.epoch, state.history = epoch + 1, state.history + [record]
+        runlog.predictions(record["epoch"], scores, state.history, checkpoint_metric,
+                           SCORE_METRICS.get(checkpoint_metric, "max"))
         ctx.save(record, lambda: ck.checkpoint_dict(
             plan=plan_dict, model=model, optimizer=optimizer, epoch=state.epoch,
             step=state.step, history=state.history, lrs=state.lrs, losses=state.losses))

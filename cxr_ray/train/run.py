@@ -44,8 +44,10 @@ log = logging.getLogger(__name__)
 #: stopping (so the GPU scheduling can be tested on a machine without one).
 ALLOW_NO_CUDA_ENV = "CXR_RAY_TEST_ALLOW_NO_CUDA"
 
-#: ``(plan, rank, world) -> (train feed, test feed)``.
-MakeFeeds = Callable[[RunPlan, int, int], tuple[Feed, Feed]]
+#: ``(plan, rank, world) -> (train feed, {"val": feed, "test": feed})``.
+MakeFeeds = Callable[[RunPlan, int, int], tuple[Feed, dict[str, Feed]]]
+#: The splits a run evaluates every epoch.
+EVAL_SPLITS = ("val", "test")
 
 
 @dataclass
@@ -69,6 +71,9 @@ class TrainSummary:
     resumed_from_epoch: int
     """Epochs already done when this call started."""
     launcher: str = "process"
+    selected_epoch: int | None = None
+    """The epoch with the best ``checkpoint_metric`` (validation): the run's model, whose
+    test numbers are the run's headline (the later epoch on a tie)."""
     stopped_at_target: bool = False
     """True when the run ended before ``epochs`` because it reached ``stop_at``."""
     startup_seconds: float | None = None
@@ -117,11 +122,12 @@ def open_run(config: TrainConfig, run_dir: Path, resume: bool) -> tuple[RunPlan,
     return plan, done
 
 
-def run_rank(plan: RunPlan, ctx: loop.RankContext, train_feed: Feed, test_feed: Feed, *,
-             checkpoint_metric: str, lr_find: LrFindSpec | None = None) -> None:
+def run_rank(plan: RunPlan, ctx: loop.RankContext, train_feed: Feed,
+             eval_feeds: dict[str, Feed], *, checkpoint_metric: str,
+             lr_find: LrFindSpec | None = None) -> None:
     """What every rank runs: the missing epochs, then the LR range test (once) from the
     run's best checkpoint."""
-    model, _, state = loop.train(plan, ctx, train_feed, test_feed)
+    model, _, state = loop.train(plan, ctx, train_feed, eval_feeds, checkpoint_metric)
     if lr_find is None or lr_find.done:
         return
     start = start_checkpoint(plan, state.history, checkpoint_metric,
@@ -149,6 +155,8 @@ def finish_run(config: TrainConfig, plan: RunPlan, run_dir: Path, done: int, *, 
         images=sum(r["train_images"] for r in history[done:]),
         compute_seconds=sum(r["epoch_seconds"] for r in history), resumed_from_epoch=done,
         launcher=launcher, plan=plan.to_dict(), stopped_at_target=len(history) < plan.epochs,
+        selected_epoch=ck.best_epoch(history, [r["epoch"] for r in history], metric,
+                                     SCORE_METRICS[metric]),
         startup_seconds=min(attempts) - started if attempts else None,
         teardown_seconds=(started + wall - history[-1]["time"]) if done < len(history)
         and "time" in history[-1] else None)
@@ -173,16 +181,18 @@ def device_for(gpu: bool) -> torch.device:
                     "check the node's driver, or train with gpu = false")
 
 
-def array_feeds(plan: RunPlan, rank: int = 0, world: int = 1) -> tuple[Feed, Feed]:
-    """Both splits read from the shards into this process."""
+def array_feeds(plan: RunPlan, rank: int = 0, world: int = 1
+                ) -> tuple[Feed, dict[str, Feed]]:
+    """The three splits read from the shards into this process."""
     if plan.augment_on == "ray_data":
         raise UserError("augment_on = 'ray_data' streams through Ray Data: run it in a sweep "
                         "or with --launcher ray_train")
     sh = shard_io.open_shards(plan.shards)
     return (ArrayFeed(shard_io.read_split(sh, plan.cohort, "train"), rank=rank, world=world,
                       seed=plan.seed, shuffle=True),
-            ArrayFeed(shard_io.read_split(sh, plan.cohort, "test"), rank=rank, world=world,
-                      seed=plan.seed, shuffle=False))
+            {split: ArrayFeed(shard_io.read_split(sh, plan.cohort, split), rank=rank,
+                              world=world, seed=plan.seed, shuffle=False)
+             for split in EVAL_SPLITS})
 
 
 def fit_in_process(config: TrainConfig, *, storage_path: str | Path, name: str,
@@ -213,8 +223,8 @@ def fit_in_process(config: TrainConfig, *, storage_path: str | Path, name: str,
                                launcher="process", prepare_model=lambda m: m.to(ctx.device),
                                last_checkpoint=lambda: ck.latest_readable(run_dir),
                                save=save)
-        train_feed, test_feed = (make_feeds or array_feeds)(plan, 0, 1)
-        run_rank(plan, ctx, train_feed, test_feed, checkpoint_metric=metric, lr_find=lr_find)
+        train_feed, eval_feeds = (make_feeds or array_feeds)(plan, 0, 1)
+        run_rank(plan, ctx, train_feed, eval_feeds, checkpoint_metric=metric, lr_find=lr_find)
     return finish_run(config, plan, run_dir, done, t0=t0, started=started, launcher="process")
 
 

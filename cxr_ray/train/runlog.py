@@ -1,8 +1,9 @@
-"""Rank 0's files of a run: history.jsonl, steps.csv, attempts.jsonl and one TensorBoard run.
+"""Rank 0's files of a run: history.jsonl, steps.csv, attempts.jsonl, predictions/ and one
+TensorBoard run.
 
 TensorBoard: one run per training run (``RUN/tensorboard``), with ``train/lr`` and
-``train/loss`` at every optimizer step and the epoch metrics (``train/*``, ``test/*``,
-``perf/*``) at their epoch's last optimizer step, so every chart shares one x axis
+``train/loss`` at every optimizer step and the epoch metrics (``train/*``, ``val/*``,
+``test/*``, ``perf/*``) at their epoch's last optimizer step, so every chart shares one x axis
 (optimizer steps) and a resumed run discards what an interrupted attempt logged past its
 checkpoint with a single ``purge_step``. The hyperparameters go to the HParams tab.
 """
@@ -45,6 +46,7 @@ class RunLog:
         self.on = rank == 0 and bool(plan.get("run_dir"))
         self.dir = Path(plan.get("run_dir") or ".")
         self.state, self.every = state, plan["log_every"]
+        self.shards, self.cohort = plan["shards"], plan["cohort"]
         self._pending: list[tuple[int, float, torch.Tensor]] = []
         if not self.on:
             return
@@ -72,7 +74,8 @@ class RunLog:
               "batch_size": plan["batch_size"], "epochs": plan["epochs"],
               "workers": plan["workers"], "image_size": plan["image_size"],
               "stage": 2 if plan["init_from"] else 1}
-        for summary in hparams(hp, {f"test/{k}": 0.0 for k in ("accuracy", "auc", "loss")}):
+        for summary in hparams(hp, {f"{split}/{k}": 0.0 for split in ("val", "test")
+                                    for k in ("accuracy", "auc", "loss")}):
             self.tb.file_writer.add_summary(summary)
         self.tb.add_text("run_plan", f"```\n{json.dumps(plan, indent=2)}\n```")
 
@@ -104,10 +107,48 @@ class RunLog:
         for key, value in record.items():
             if isinstance(value, (int, float)) and key not in ("epoch", "step", "time"):
                 group, _, name = key.partition("_")
-                tag = f"{group}/{name}" if group in ("train", "test") else f"perf/{key}"
+                tag = f"{group}/{name}" if group in ("train", "val", "test") else f"perf/{key}"
                 if tag != "train/loss":  # the per-step curve owns that tag
                     self.tb.add_scalar(tag, value, at)
         self.tb.flush()
+
+    def predictions(self, epoch: int, scores: dict[str, Any], history: list[dict[str, Any]],
+                    metric: str, mode: str) -> None:
+        """Write the epoch's per-image scores (``{split: loop.Scores}``); keep only the files
+        of the best epoch by ``metric`` and of the latest."""
+        if not self.on:
+            return
+        import numpy as np
+
+        from cxr_ray.train import checkpoint as ck
+
+        patients = self._patients()
+        arrays = {}
+        for split, sc in scores.items():
+            arrays.update({f"{split}_image_id": sc.image_id, f"{split}_score": sc.score,
+                           f"{split}_label": sc.label, f"{split}_patient_id": np.asarray(
+                               [patients.get(int(i), -1) for i in sc.image_id], np.int64)})
+        path = paths.predictions_file(self.dir, epoch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        done = [r["epoch"] for r in history]
+        keep = {epoch, ck.best_epoch(history, done, metric, mode)}
+        for old in path.parent.glob("epoch_*.npz"):
+            tail = old.stem.partition("_")[2]
+            if tail.isdigit() and int(tail) not in keep:
+                old.unlink(missing_ok=True)
+
+    def _patients(self) -> dict[int, int]:
+        """image id → patient id of the run's cohort (read once from the shards)."""
+        if getattr(self, "_patient_of", None) is None:
+            from cxr_ray.data import shards as shard_io
+
+            table = shard_io.cohort_table(self.shards, self.cohort)
+            self._patient_of = dict(zip(table["image_id"].tolist(),
+                                        table["patient_id"].tolist()))
+        return self._patient_of
 
     def write_files(self) -> None:
         """history.jsonl and steps.csv from the state (atomically replaced)."""
@@ -134,6 +175,7 @@ def format_epoch(record: dict[str, Any], epochs: int) -> str:
         return "n/a" if v is None else format(v, fmt)
 
     return (f"epoch {record['epoch']}/{epochs}: train loss {f('train_loss')} acc "
-            f"{f('train_accuracy')} | test loss {f('test_loss')} acc {f('test_accuracy')} auc "
-            f"{f('test_auc')} sens {f('test_sensitivity')} spec {f('test_specificity')} | "
+            f"{f('train_accuracy')} | val loss {f('val_loss')} acc {f('val_accuracy')} auc "
+            f"{f('val_auc')} | test acc {f('test_accuracy')} auc {f('test_auc')} sens "
+            f"{f('test_sensitivity')} spec {f('test_specificity')} | "
             f"{f('images_per_s', '.1f')} img/s, {f('epoch_seconds', '.1f')} s")

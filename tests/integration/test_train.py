@@ -159,6 +159,8 @@ def test_lr_of_every_step_is_the_policy_formula_and_tensorboard_has_it(trained):
     for tag, key in (("test/accuracy", "test_accuracy"), ("test/auc", "test_auc"),
                      ("test/loss", "test_loss"), ("train/accuracy", "train_accuracy"),
                      ("test/sensitivity", "test_sensitivity"),
+                     ("val/accuracy", "val_accuracy"), ("val/threshold", "val_threshold"),
+                     ("test/accuracy_at_threshold", "test_accuracy_at_threshold"),
                      ("perf/images_per_s", "images_per_s")):
         assert [s for s, _ in epochs[tag]] == ends, tag
         assert [v for _, v in epochs[tag]] == pytest.approx([r[key] for r in history], rel=1e-5)
@@ -180,8 +182,10 @@ def test_checkpoints_best_and_latest_in_the_documented_format(trained):
     kept = sorted(p.name for p in run.glob("checkpoint_epoch_*"))
     assert len(kept) <= 3 and "checkpoint_epoch_0008" in kept  # best 2 + the latest
     best_epoch = int(Path(trained.best_checkpoint).name.rsplit("_", 1)[1])
-    aucs = {r["epoch"]: r["test_auc"] for r in trained.history}
+    aucs = {r["epoch"]: r["val_auc"] for r in trained.history}  # selected on validation
+    assert trained.checkpoint_metric == "val_auc"
     assert trained.best_metric == aucs[best_epoch] == max(aucs[int(k[-4:])] for k in kept)
+    assert trained.selected_epoch == best_epoch
     ckpt = torch.load(run / kept[-1] / "checkpoint.pt", weights_only=True)
     assert ckpt["format"] == "cxr-ray-checkpoint" and ckpt["model_name"] == "mobilenet_v1"
     assert set(ckpt) >= {"model", "cohort", "image_size", "model_state", "optimizer",

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxr_ray import models, paths
+from cxr_ray import metrics, models, paths
 from cxr_ray.data import shards as shard_io
 from cxr_ray.errors import UserError
 from cxr_ray.optim import schedules
@@ -37,7 +37,7 @@ TINY = dict(cohort=COHORT, model="mobilenet_v1", width=0.25, pretrained=False,
             batch_size=16, threads=1)
 #: triangular between 1e-3 and 4e-3 with a half cycle of one epoch (5 steps at 69 images).
 RUN = dict(epochs=2, optimizer="adam", policy="triangular", base_lr=0.001, max_lr=0.004,
-           step_size_epochs=1, keep_checkpoints=1, checkpoint_metric="test_loss",
+           step_size_epochs=1, keep_checkpoints=1, checkpoint_metric="val_loss",
            launcher="process")
 LOOP = "cxr_ray.train.loop"
 
@@ -142,62 +142,62 @@ def test_train_step_on_cpu_with_bf16_and_channels_last(local_shards, gpu_paths):
 def test_epoch_has_the_planned_steps_and_every_lr_is_the_policy_formula(run, local_shards):
     first = run["first"]
     n_train = shard_io.open_shards(local_shards).manifest["cohorts"][COHORT]["train"]
-    assert n_train == 69  # 4 batches of 16 + one of 5
+    assert n_train == 61  # 3 batches of 16 + one of 13 (the validation split holds 8 more)
     plan = first.plan
-    assert plan["steps_per_epoch"] == 5 == n_train // 16 + 1
-    assert plan["policy"]["step_size"] == 5
-    assert [r["step"] for r in run["snap"]["history"]] == [5, 10]
-    assert [r["train_images"] for r in run["snap"]["history"]] == [69, 69]
+    assert plan["steps_per_epoch"] == 4 == n_train // 16 + 1
+    assert plan["policy"]["step_size"] == 4
+    assert [r["step"] for r in run["snap"]["history"]] == [4, 8]
+    assert [r["train_images"] for r in run["snap"]["history"]] == [61, 61]
 
     rows = run["snap"]["steps"]
-    assert [int(r["step"]) for r in rows] == list(range(10))
-    assert [int(r["epoch"]) for r in rows] == [1] * 5 + [2] * 5
+    assert [int(r["step"]) for r in rows] == list(range(8))
+    assert [int(r["epoch"]) for r in rows] == [1] * 4 + [2] * 4
     policy = schedules.PolicyConfig.from_dict(plan["policy"])
-    assert [float(r["lr"]) for r in rows] == [schedules.lr_at(policy, i) for i in range(10)]
-    # by hand: 1e-3 + 3e-3 * (1 - |t/5 - 1|) over the first cycle of 10 steps
+    assert [float(r["lr"]) for r in rows] == [schedules.lr_at(policy, i) for i in range(8)]
+    # by hand: 1e-3 + 3e-3 * (1 - |t/4 - 1|) over the first cycle of 8 steps
     lrs = [float(r["lr"]) for r in rows]
-    assert lrs[0] == pytest.approx(0.001) and lrs[5] == pytest.approx(0.004)
-    assert lrs[2] == pytest.approx(0.0022) and lrs[7] == pytest.approx(0.0028)
+    assert lrs[0] == pytest.approx(0.001) and lrs[4] == pytest.approx(0.004)
+    assert lrs[2] == pytest.approx(0.0025) and lrs[7] == pytest.approx(0.00175)
     assert all(math.isfinite(float(r["loss"])) for r in rows)
-    assert run["snap"]["history"][1]["lr_last"] == pytest.approx(lrs[9])
+    assert run["snap"]["history"][1]["lr_last"] == pytest.approx(lrs[7])
 
 
 def test_rerun_with_more_epochs_resumes_from_its_own_checkpoint(run):
     second, run_dir = run["second"], run["dir"]
     assert second.resumed_from_epoch == 2 and second.epochs == 3
-    assert second.images == 69  # only epoch 3 trained in the second call
+    assert second.images == 61  # only epoch 3 trained in the second call
     attempts = paths.read_jsonl(run_dir / paths.ATTEMPTS_FILE)
     assert [(a["resumed_from_epoch"], a["step"], a["launcher"]) for a in attempts] == [
-        (0, 0, "process"), (2, 10, "process")]
+        (0, 0, "process"), (2, 8, "process")]
 
     rows = _steps(run_dir)
-    assert [int(r["step"]) for r in rows] == list(range(15))  # each step once
-    assert [int(r["epoch"]) for r in rows] == [1] * 5 + [2] * 5 + [3] * 5
+    assert [int(r["step"]) for r in rows] == list(range(12))  # each step once
+    assert [int(r["epoch"]) for r in rows] == [1] * 4 + [2] * 4 + [3] * 4
     policy = schedules.PolicyConfig.from_dict(second.plan["policy"])
-    assert [float(r["lr"]) for r in rows] == [schedules.lr_at(policy, i) for i in range(15)]
-    assert float(rows[10]["lr"]) == pytest.approx(0.001)  # step 10: the second cycle starts
-    assert float(rows[12]["lr"]) == pytest.approx(0.0022)
-    assert rows[:10] == run["snap"]["steps"]  # the first attempt's steps kept as they were
+    assert [float(r["lr"]) for r in rows] == [schedules.lr_at(policy, i) for i in range(12)]
+    assert float(rows[8]["lr"]) == pytest.approx(0.001)  # step 8: the second cycle starts
+    assert float(rows[10]["lr"]) == pytest.approx(0.0025)
+    assert rows[:8] == run["snap"]["steps"]  # the first attempt's steps kept as they were
     history = paths.read_jsonl(run_dir / paths.HISTORY_FILE)
-    assert [(r["epoch"], r["step"]) for r in history] == [(1, 5), (2, 10), (3, 15)]
+    assert [(r["epoch"], r["step"]) for r in history] == [(1, 4), (2, 8), (3, 12)]
     assert history[:2] == run["snap"]["history"]
 
     ckpt = ck.load_checkpoint(run_dir / paths.checkpoint_dir_name(3) / paths.CHECKPOINT_FILE)
     assert ckpt["format_version"] == ck.CHECKPOINT_VERSION == 2
-    assert (ckpt["epoch"], ckpt["step"]) == (3, 15) and "scheduler" not in ckpt
+    assert (ckpt["epoch"], ckpt["step"]) == (3, 12) and "scheduler" not in ckpt
     assert ckpt["steps"]["lr"] == [float(r["lr"]) for r in rows]
-    # Adam's own step count: 15 only if epoch 3 continued the restored optimizer state
+    # Adam's own step count: 12 only if epoch 3 continued the restored optimizer state
     adam_steps = {float(s["step"]) for s in ckpt["optimizer"]["state"].values()}
-    assert adam_steps == {15.0}
+    assert adam_steps == {12.0}
 
 
 def test_checkpoints_are_pruned_to_the_best_and_the_latest(run):
     run_dir, second = run["dir"], run["second"]
     history = paths.read_jsonl(run_dir / paths.HISTORY_FILE)
 
-    def best(epochs):  # lowest test_loss, the later epoch on a tie
+    def best(epochs):  # lowest val_loss, the later epoch on a tie
         return max((r for r in history if r["epoch"] in epochs),
-                   key=lambda r: (-r["test_loss"], r["epoch"]))["epoch"]
+                   key=lambda r: (-r["val_loss"], r["epoch"]))["epoch"]
 
     name = paths.checkpoint_dir_name
     assert run["snap"]["kept"] == sorted({name(best({1, 2})), name(2)})
@@ -205,10 +205,24 @@ def test_checkpoints_are_pruned_to_the_best_and_the_latest(run):
     assert len(_kept(run_dir)) < 3  # keep_checkpoints = 1: at least one folder pruned
     assert not list(run_dir.glob(".checkpoint_epoch_*"))  # no temporary folders left
     b = best({1, 2, 3})
-    assert second.checkpoint_metric == "test_loss"
+    assert second.checkpoint_metric == "val_loss"
     assert second.best_checkpoint == str(run_dir / name(b))
-    assert second.best_metric == history[b - 1]["test_loss"]
+    assert second.best_metric == history[b - 1]["val_loss"]
     assert second.last_checkpoint == str(run_dir / name(3))
+    assert second.selected_epoch == b
+    # the per-image scores of the selected epoch and of the latest, nothing else
+    kept = sorted(p.name for p in (run_dir / paths.PREDICTIONS_DIR).iterdir())
+    assert kept == sorted({paths.predictions_file(run_dir, e).name for e in (b, 3)})
+    with np.load(paths.predictions_file(run_dir, b)) as pred:
+        rec = history[b - 1]
+        for split in ("val", "test"):
+            assert len(pred[f"{split}_score"]) == rec[f"{split}_images"]
+            assert (pred[f"{split}_patient_id"] > 0).all()
+            assert metrics.accuracy(pred[f"{split}_score"], pred[f"{split}_label"]) == \
+                pytest.approx(rec[f"{split}_accuracy"])
+        assert not set(pred["val_patient_id"]) & set(pred["test_patient_id"])
+        assert metrics.accuracy(pred["test_score"], pred["test_label"], rec["val_threshold"]) \
+            == pytest.approx(rec["test_accuracy_at_threshold"])
     summary = paths.read_json(run_dir / paths.SUMMARY_FILE)
     assert summary["best_checkpoint"] == second.best_checkpoint
     assert summary["resumed_from_epoch"] == 2
@@ -228,7 +242,7 @@ def _plan(**kw) -> RunPlan:
         model={"name": "mobilenet_v1", "width": 0.25, "in_chans": 1, "dropout": 0.5,
                "weights": None, "pretrained": False},
         batch_size=4, worker_batch=4, workers=1, steps_per_epoch=1, train_images=4,
-        test_images=4, seed=123, augment=True, amp=None, threads=1, gpu=False,
+        test_images=4, val_images=4, seed=123, augment=True, amp=None, threads=1, gpu=False,
         channels_last=None, augment_on="trainer", init_from=None, log_every=1)
     return RunPlan(**{**base, **kw})
 
@@ -241,14 +255,16 @@ def test_evaluate_counts_a_repeated_image_once_and_warns(caplog):
     labels = np.array([0, 1, 1, 1, 1], np.float32)
     feed = ArrayFeed((images, ids, labels), shuffle=False)
     with caplog.at_level(logging.WARNING, logger=LOOP):
-        out = loop.evaluate(_plan(test_images=5), _cpu_ctx(), _MeanScore(), feed, expect=5)
+        scores = loop.evaluate(_plan(test_images=5), _cpu_ctx(), _MeanScore(), feed, expect=5)
+    out = {**scores.metrics(), "loss": scores.loss}
+    assert scores.image_id.tolist() == [1, 2, 3, 4]  # one row per image, by id
     # z = -5, 5, -5, 5: predictions 0, 1, 0, 1 against 0, 1, 1, 1
     assert out["images"] == 4 and out["positives"] == 3
     assert out["accuracy"] == pytest.approx(3 / 4)
     assert out["sensitivity"] == pytest.approx(2 / 3) and out["specificity"] == 1.0
     assert out["auc"] == pytest.approx(2.5 / 3)  # positives 5, -5, 5 vs negative -5 (a tie)
     assert out["loss"] == pytest.approx(math.log1p(math.exp(-5)) + 5 / 4)
-    assert "evaluated 4 distinct test images, expected 5" in caplog.text
+    assert "evaluated 4 distinct images, expected 5" in caplog.text
 
 
 def test_evaluate_of_a_real_split_with_a_duplicate_equals_the_split(local_shards, caplog):
@@ -265,9 +281,9 @@ def test_evaluate_of_a_real_split_with_a_duplicate_equals_the_split(local_shards
     dup = tuple(np.concatenate([a, a[5:6]]) for a in (images, ids, labels))
     with caplog.at_level(logging.WARNING, logger=LOOP):
         twice = loop.evaluate(plan, ctx, model, ArrayFeed(dup, shuffle=False), expect=18)
-    assert clean["images"] == twice["images"] == 17
-    assert twice == pytest.approx(clean)
-    assert "evaluated 17 distinct test images, expected 18" in caplog.text
+    assert len(clean.image_id) == len(twice.image_id) == 17
+    assert twice.metrics() == pytest.approx(clean.metrics()) and twice.loss == clean.loss
+    assert "evaluated 17 distinct images, expected 18" in caplog.text
 
 
 # --------------------------------------------------------------------------- sharding
@@ -329,7 +345,7 @@ def test_plan_uses_the_study_tables(local_shards):
                                policy="triangular", pretrained=False))
     assert (ptx.policy["base_lr"], ptx.policy["max_lr"]) == (0.0075, 0.03)  # Table 8
     assert ptx.policy["step_size"] == 2 * ptx.steps_per_epoch and ptx.batch_size == 32
-    assert ptx.steps_per_epoch == 3  # 69 images: 2 batches of 32 + one of 5
+    assert ptx.steps_per_epoch == 2  # 61 images: one batch of 32 + one of 29
     assert steps_per_epoch(253, 2, 8) == 16  # 126 rows per worker: 15 batches of 8 + 6
     assert steps_per_epoch(17, 1, 8) == 2  # the last batch of 1 is dropped
 
