@@ -28,7 +28,8 @@ demo: $(STAMP)
 	$(CXR) synth --out $(DEMO)/data --per-class 150 --size 256; \
 	$(CXR) prepare --data $(DEMO)/data --out $(DEMO)/shards --size 48; \
 	$(CXR) sweep --config jobs/demo.toml; \
-	sed -n '/^## Policy ranking/,/^## Epochs/p' $(EXP)/report/report.md | sed '$$d'; \
+	sed -n '/^## Policy ranking/,/^## Best policy/p' $(EXP)/report/report.md | sed '$$d'; \
+	grep -h '^\*\*The validation-chosen' $(EXP)/report/report.md | tr -d '*'; \
 	echo "report:      $(EXP)/report/report.md (plots beside it, every trial in results.csv)"; \
 	echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(EXP)"; \
 	echo "make demo: $$(( $$(date +%s) - start )) s wall time (after installation)"

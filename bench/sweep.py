@@ -78,7 +78,7 @@ workers = 1
 cpus_per_worker = 0.9
 threads = 1
 augment = false
-checkpoint_metric = "test_accuracy"
+checkpoint_metric = "val_accuracy"
 keep_checkpoints = 1
 log_every = 50
 

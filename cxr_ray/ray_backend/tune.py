@@ -138,10 +138,10 @@ class _Progress(tune.Callback):
 
     def _line(self, trial: Any, what: str) -> None:
         self.done += 1
-        acc = (trial.last_result or {}).get("test_accuracy")
+        acc = (trial.last_result or {}).get("val_accuracy")
         log.info("%s %d/%d %s %s%s (%.0f s)", self.stage, self.done, self.total, what,
                  trial.config["spec"]["run_name"],
-                 f": test accuracy {acc:.3f}" if isinstance(acc, float) else "",
+                 f": val accuracy {acc:.3f}" if isinstance(acc, float) else "",
                  time.time() - self.t0)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

@@ -10,7 +10,9 @@
 3. ``[comparison]`` trials (e.g. Table 6's backbone × optimizer), then the report.
 
 Run names carry the stage, cohort, policy and axis values (``stage2/Fibrosis__triangular``),
-so ``tensorboard --logdir EXP`` lists every trial side by side.
+and the training seed when the recipe lists several (``stage2/Fibrosis__triangular__seed1``:
+each seed trains its own stage 1, LR range test and stage 2 on the same splits), so
+``tensorboard --logdir EXP`` lists every trial side by side.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ class TrialSpec:
     lr_find: dict[str, Any] | None = None
     """Stage 1: the LR range test to run after training (None: none)."""
     stop_at: float | str | None = None
-    """Stage 2: stop at this test accuracy (a number, or ``"stage1+MARGIN"``)."""
+    """Stage 2: stop at this validation accuracy (a number, or ``"stage1+MARGIN"``)."""
+    seed: int = 0
+    """Training seed (initialisation, data order, augmentation); never the splits."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,15 +96,21 @@ def plan_trials(recipe: Recipe) -> tuple[list[TrialSpec], list[TrialSpec], list[
                             "start from")
     stage1, stage2 = [], []
     lr_cfg = dataclasses.asdict(recipe.lr_find) if recipe.lr_find.enabled else None
-    for cohort in recipe.cohort_names:
+    seeds = (recipe.experiment.seed_list if recipe.experiment.seeds is not None
+             else [int(recipe.train.get("seed", 0))])
+    for cohort, seed in ((c, s) for c in recipe.cohort_names for s in seeds):
+        tail = f"__seed{seed}" if len(seeds) > 1 else ""
         for axes in s1_axes:
-            spec = TrialSpec(stage="stage1", cohort=cohort, run_name=cohort + _axis_suffix(axes),
-                             train={**shared, **recipe.stage1, **axes, "cohort": cohort},
-                             axes=axes, lr_find=None)
+            spec = TrialSpec(stage="stage1", cohort=cohort,
+                             run_name=cohort + _axis_suffix(axes) + tail,
+                             train={**shared, **recipe.stage1, **axes, "cohort": cohort,
+                                    "seed": seed},
+                             axes=axes, lr_find=None, seed=seed)
             stage1.append(spec)
         for policy_axes in _combinations(s2_grid):
-            # The stage-1 run whose axes agree with this trial's on every shared key.
-            source = next(s for s in stage1 if s.cohort == cohort and all(
+            # The stage-1 run of this seed whose axes agree with this trial's on every
+            # shared key.
+            source = next(s for s in stage1 if s.cohort == cohort and s.seed == seed and all(
                 s.axes.get(k, v) == v for k, v in policy_axes.items()))
             if lr_cfg is not None and source.lr_find is None:
                 source.lr_find = lr_cfg
@@ -109,14 +119,14 @@ def plan_trials(recipe: Recipe) -> tuple[list[TrialSpec], list[TrialSpec], list[
                 lr_source = recipe.stage2_extra.bounds if bounded else "preset"
                 train = {**shared, **recipe.stage2,
                          **recipe.stage2_extra.by_cohort.get(cohort, {}), **policy_axes,
-                         "cohort": cohort, "policy": policy}
+                         "cohort": cohort, "policy": policy, "seed": seed}
                 if bounded and lr_source == "paper":
                     train.setdefault("preset", "paper")
                 stage2.append(TrialSpec(
                     stage="stage2", cohort=cohort, policy=policy, axes=policy_axes,
-                    run_name=f"{cohort}__{policy}{_axis_suffix(policy_axes)}", train=train,
-                    lr_source=lr_source, stage1_run=source.run_name,
-                    stop_at=recipe.stage2_extra.stop_at))
+                    run_name=f"{cohort}__{policy}{_axis_suffix(policy_axes)}{tail}",
+                    train=train, lr_source=lr_source, stage1_run=source.run_name,
+                    stop_at=recipe.stage2_extra.stop_at, seed=seed))
     comparison = [
         TrialSpec(stage="comparison", cohort=cohort, run_name=cohort + _axis_suffix(axes),
                   train={**shared, **recipe.stage1, **recipe.comparison.train, **axes,

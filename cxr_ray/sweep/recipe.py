@@ -30,7 +30,7 @@ from cxr_ray.errors import UserError
 DEFAULT_POLICIES = ("constant", "time_decay", "triangular", "triangular2",
                     "modified_triangular2", "exp_range", "one_cycle")
 #: Policies whose bounds come from the LR range test (``bounds = "lr_find"``).
-BOUNDED_POLICIES = (*schedules.CLR_POLICIES, "one_cycle")
+BOUNDED_POLICIES = schedules.BOUNDED_POLICIES
 
 
 @dataclass
@@ -48,8 +48,22 @@ class ExperimentSection:
     cohorts: list[str] | str = "all"
     """Cohorts to run: ``"all"`` (the 15) or a list of names."""
     target: float | str = "constant"
-    """Target accuracy for "epochs to reach": a fraction (0.8), ``"constant"`` (the best
-    accuracy the constant policy reached in stage 2 for that cohort) or ``"stage1"``."""
+    """Target validation accuracy for "epochs to reach": a fraction (0.8), ``"constant"``
+    (the best validation accuracy the constant policy reached in stage 2 for that cohort
+    and seed) or ``"stage1"``."""
+    seeds: list[int] | int | None = None
+    """Training seeds: a count (``3`` = seeds 0, 1, 2) or a list; default one seed (the
+    ``[train] seed``, else 0). Each seed trains its own stage 1, LR range test and stage 2
+    on the same splits (the shard set's split seed); the report gives mean ± 95 % CI over
+    seeds."""
+
+    @property
+    def seed_list(self) -> list[int]:
+        if self.seeds is None:
+            return [0]
+        if isinstance(self.seeds, int):
+            return list(range(self.seeds))
+        return list(self.seeds)
 
 
 @dataclass
@@ -79,7 +93,7 @@ class Stage2Section:
     """Training keys for one cohort's stage-2 trials, e.g. Table 8's epochs:
     ``[stage2.by_cohort] Atelectasis = { epochs = 32 }``."""
     stop_at: float | str | None = None
-    """Off by default. Stop a stage-2 trial once its test accuracy reaches a target fixed
+    """Off by default. Stop a stage-2 trial once its validation accuracy reaches a target fixed
     before stage 2 starts: a number (0.8), or ``"stage1+0.02"`` (the cohort's stage-1
     accuracy plus a margin; what constant will reach is not known yet). Such trials are
     compared on epochs and compute to the target only."""
@@ -256,6 +270,14 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
             raise UserError(f"{where('experiment')} cohorts: \"all\" or a non-empty list")
         for name in experiment.cohorts:
             cohorts.resolve_cohort(str(name))
+    seeds = experiment.seeds
+    if seeds is not None and not (
+            (isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 1)
+            or (isinstance(seeds, list) and seeds and len(set(seeds)) == len(seeds)
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                        for x in seeds))):
+        raise UserError(f"{where('experiment')} seeds: a count >= 1 (3 = seeds 0, 1, 2) or a "
+                        f"list of distinct seeds >= 0, got {seeds!r}")
     target = experiment.target
     if isinstance(target, str) and target not in ("constant", "stage1") or (
             not isinstance(target, str) and not (isinstance(target, (int, float))

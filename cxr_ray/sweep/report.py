@@ -3,15 +3,24 @@
 Reads an experiment directory (what ``cxr-ray sweep`` writes; any directory tree of runs
 works) and writes, into ``EXP/report/``:
 
-* ``results.csv``: one row per trial (stage, cohort, policy, model, optimizer, any other grid
-  axis, epochs, final/best test accuracy, AUC, sensitivity, specificity, the target and the
-  epochs / compute seconds / wall seconds to reach it, images processed, compute seconds);
-* ``report.md``: tables shaped like the study's Table 5 (stage 1), Table 7 (before/after
-  CLR), Table 8 (CLR parameters, with the LR range test's bounds), epochs-to-target per
-  cohort × policy, the best policy per cohort and an overall ranking, and the backbone ×
-  optimizer table (Table 6) when the experiment has one; the study's numbers beside ours;
+* ``results.csv``: one row per trial (stage, cohort, policy, seed, model, optimizer, any
+  other grid axis; the validation-selected epoch and threshold; validation accuracy/AUC;
+  the test accuracy, AUC, sensitivity and specificity of that epoch at that threshold, with
+  95 % CIs by a bootstrap over patients, and test accuracy at 0.5; the validation target and
+  the epochs / compute seconds / wall seconds to reach it; images and compute seconds);
+* ``paired.csv``: each policy against constant per cohort, paired on the test images
+  (:mod:`cxr_ray.sweep.compare`);
+* ``report.md``: the study's question answered in one sentence, the paired comparisons,
+  tables shaped like the study's Table 5 (stage 1), Table 7 (before/after CLR), Table 8
+  (CLR parameters, with the LR range test's bounds), epochs-to-target per cohort × policy,
+  the best policy per cohort and an overall ranking, and the backbone × optimizer table
+  (Table 6) when the experiment has one; the study's numbers beside ours; several seeds are
+  pooled (mean, Student-t CI);
 * plots (PNG, linked from report.md): lr per step for each policy, LR range test curves,
-  test accuracy and loss vs epoch for every policy of a cohort (the study's Figures 4–10).
+  validation and test accuracy and validation loss vs epoch for every policy of a cohort
+  (the study's Figures 4–10).
+
+Validation selects, test reports: see :data:`METRIC` and :func:`selected`.
 
 A run is a directory with ``trial.json`` (written by the sweep: stage, cohort, policy, axes,
 lr bounds and their source), ``config.json`` (the resolved plan) and ``history.jsonl`` (one
@@ -39,7 +48,8 @@ TRIAL_FILE, HISTORY_FILE, CONFIG_FILE, STEPS_FILE = (
     paths.TRIAL_FILE, paths.HISTORY_FILE, paths.CONFIG_FILE, paths.STEPS_FILE)
 LR_FIND_FILE = paths.LR_FIND_FILE
 REPORT_DIR = paths.REPORT_DIR
-METRIC = "test_accuracy"
+#: What selects, targets and ranks: validation accuracy (test is reported, never chosen on).
+METRIC = "val_accuracy"
 
 
 # ----------------------------------------------------------------------------- maths
@@ -71,17 +81,19 @@ def best(history: list[dict[str, Any]], metric: str = METRIC) -> tuple[float | N
 
 
 def rank_policies(results: pd.DataFrame) -> pd.DataFrame:
-    """Policies ranked within each cohort (fewest epochs to target, then best accuracy).
+    """Policies ranked within each cohort (fewest epochs to the validation target, then best
+    validation accuracy), over the seed-averaged rows of :func:`over_seeds`.
 
     Returns one row per policy: mean rank, cohorts where it was best, how often it reached
-    the target, median epochs to target and mean best accuracy.
+    the target, median epochs to target, mean best validation and mean test accuracy.
     """
     stage2 = results[results["stage"] == "stage2"].copy()
     if stage2.empty:
         return pd.DataFrame()
     never = stage2["epochs"].max() + 1
     # Lexicographic (epochs to target, then -accuracy) as one number: accuracy is in [0, 1].
-    key = stage2["epochs_to_target"].fillna(never) * 10 + (1 - stage2["best_accuracy"].fillna(0))
+    key = (stage2["epochs_to_target"].fillna(never) * 10
+           + (1 - stage2["best_val_accuracy"].fillna(0)))
     stage2["rank"] = key.groupby(stage2["cohort"]).rank(method="min")
     wins = stage2[stage2["rank"] == 1].groupby("policy").size()
     table = stage2.groupby("policy").agg(
@@ -89,11 +101,12 @@ def rank_policies(results: pd.DataFrame) -> pd.DataFrame:
         reached=("epochs_to_target", lambda s: int(s.notna().sum())),
         trials=("cohort", "size"),
         median_epochs_to_target=("epochs_to_target", "median"),
-        mean_best_accuracy=("best_accuracy", "mean"),
+        mean_best_val_accuracy=("best_val_accuracy", "mean"),
+        mean_test_accuracy=("test_accuracy", "mean"),
         mean_compute_seconds=("compute_seconds", "mean"),
     )
     table["best_in_cohorts"] = wins.reindex(table.index).fillna(0).astype(int)
-    return table.sort_values(["mean_rank", "mean_best_accuracy"],
+    return table.sort_values(["mean_rank", "mean_best_val_accuracy"],
                              ascending=[True, False]).reset_index()
 
 
@@ -123,52 +136,81 @@ def find_runs(experiment: Path) -> list[Run]:
     return runs
 
 
-def _targets(runs: list[Run], target: float | str) -> dict[str, float]:
-    """Target accuracy per cohort.
+def _key(trial: dict[str, Any]) -> tuple[str, int]:
+    return trial["cohort"], int(trial.get("seed") or 0)
+
+
+def _targets(runs: list[Run], target: float | str) -> dict[tuple[str, int], float]:
+    """Target validation accuracy per (cohort, seed).
 
     A number is used for every cohort.  ``"constant"`` (default) is the study's comparison:
-    the best accuracy the ``constant`` policy reached in stage 2 for that cohort, so the
-    question becomes "how many epochs does each policy need to do what constant lr did".
-    ``"stage1"``: the stage-1 model's best accuracy (how soon does stage 2 improve on it).
+    the best validation accuracy the ``constant`` policy reached in stage 2 for that cohort
+    and seed, so the question becomes "how many epochs does each policy need to do what
+    constant lr did".  ``"stage1"``: the stage-1 model's best validation accuracy.
     """
     if isinstance(target, (int, float)):
-        return {r.trial["cohort"]: float(target) for r in runs}
-    out: dict[str, float] = {}
+        return {_key(r.trial): float(target) for r in runs}
+    out: dict[tuple[str, int], float] = {}
     for r in runs:
         want = (r.trial.get("stage") == "stage2" and r.trial.get("policy") == "constant"
                 if target == "constant" else r.trial.get("stage") == "stage1")
         if want:
             value, _ = best(r.history)
             if value is not None:
-                out[r.trial["cohort"]] = max(out.get(r.trial["cohort"], -1.0), value)
+                out[_key(r.trial)] = max(out.get(_key(r.trial), -1.0), value)
     return out
 
 
-def results_table(runs: list[Run], target: float | str = "constant") -> pd.DataFrame:
+def selected(r: Run) -> dict[str, Any]:
+    """The history record of the run's validation-selected epoch (the trial's own choice by
+    its checkpoint metric; else the best validation accuracy)."""
+    epoch = r.trial.get("selected_epoch")
+    if epoch is None:
+        epoch = best(r.history)[1]
+    return next((h for h in r.history if h["epoch"] == epoch), {})
+
+
+def results_table(runs: list[Run], target: float | str = "constant",
+                  intervals: bool = True) -> pd.DataFrame:
     """One row per trial (see the module docstring for the columns)."""
+    from cxr_ray.sweep import compare
+
     targets = _targets(runs, target)
     rows = []
     for r in runs:
         t, p, h = r.trial, r.plan, r.history
-        last = h[-1] if h else {}
-        best_acc, best_epoch = best(h)
-        goal = targets.get(t["cohort"])
+        chosen = selected(r)
+        best_val, best_val_epoch = best(h)
+        goal = targets.get(_key(t))
         cross = crossing(h, goal) if goal is not None else crossing([], 0.0)
         policy = p.get("policy", {})
+        threshold = chosen.get("val_threshold")
+        ci: dict[str, float] = {}
+        if intervals and threshold is not None:
+            pred = compare.load_predictions(r.path, chosen.get("epoch"))
+            if pred is not None:
+                ci = compare.trial_intervals(pred, threshold)
         rows.append({
             "stage": t.get("stage"), "cohort": t.get("cohort"),
-            "policy": t.get("policy") or policy.get("name"),
+            "policy": t.get("policy") or policy.get("name"), "seed": int(t.get("seed") or 0),
             "model": (p.get("model") or {}).get("name", t.get("model")),
             "optimizer": (p.get("optimizer") or {}).get("name", t.get("optimizer")),
             **{f"axis_{k}": v for k, v in (t.get("axes") or {}).items()},
             "epochs": len(h), "planned_epochs": p.get("epochs"),
-            "final_accuracy": last.get("test_accuracy"), "best_accuracy": best_acc,
-            "best_epoch": best_epoch, "final_auc": last.get("test_auc"),
-            "best_auc": best(h, "test_auc")[0],
-            "final_sensitivity": last.get("test_sensitivity"),
-            "final_specificity": last.get("test_specificity"),
-            "final_test_loss": last.get("test_loss"),
-            "target_accuracy": goal, "epochs_to_target": cross["epochs"],
+            "selected_epoch": chosen.get("epoch"), "threshold": threshold,
+            "val_accuracy": chosen.get("val_accuracy"), "val_auc": chosen.get("val_auc"),
+            "best_val_accuracy": best_val, "best_val_epoch": best_val_epoch,
+            "test_accuracy": chosen.get("test_accuracy_at_threshold"),
+            "test_accuracy_ci_low": ci.get("test_accuracy_ci_low"),
+            "test_accuracy_ci_high": ci.get("test_accuracy_ci_high"),
+            "test_accuracy_at_0.5": chosen.get("test_accuracy"),
+            "test_auc": chosen.get("test_auc"),
+            "test_auc_ci_low": ci.get("test_auc_ci_low"),
+            "test_auc_ci_high": ci.get("test_auc_ci_high"),
+            "test_sensitivity": chosen.get("test_sensitivity_at_threshold"),
+            "test_specificity": chosen.get("test_specificity_at_threshold"),
+            "test_images": chosen.get("test_images"), "val_images": chosen.get("val_images"),
+            "target_val_accuracy": goal, "epochs_to_target": cross["epochs"],
             "compute_seconds_to_target": cross["compute_seconds"],
             "wall_seconds_to_target": cross["wall_seconds"],
             "images_processed": int(sum(rec.get("train_images") or 0 for rec in h)),
@@ -185,10 +227,47 @@ def results_table(runs: list[Run], target: float | str = "constant") -> pd.DataF
     frame = pd.DataFrame(rows)
     if not frame.empty:
         order = {"stage1": 0, "stage2": 1, "comparison": 2}
-        frame = frame.sort_values(["stage", "cohort", "policy"],
+        frame = frame.sort_values(["stage", "cohort", "policy", "seed"],
                                   key=lambda s: s.map(order) if s.name == "stage" else s,
                                   kind="stable").reset_index(drop=True)
     return frame
+
+
+#: Columns averaged over seeds (the others are the same for every seed of a trial).
+_MEAN = ("epochs", "selected_epoch", "threshold", "val_accuracy", "val_auc",
+         "best_val_accuracy", "test_accuracy", "test_accuracy_at_0.5", "test_auc",
+         "test_sensitivity", "test_specificity", "target_val_accuracy",
+         "compute_seconds_to_target", "compute_seconds", "seconds_per_epoch", "max_lr",
+         "base_lr")
+
+
+def over_seeds(res: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial of the grid with its seeds pooled: means, and the 95 % CIs of test
+    accuracy and AUC (one seed: its patient bootstrap; several: Student-t over the seeds);
+    ``epochs_to_target`` is the mean over the seeds that reached it (``reached`` counts them)."""
+    from cxr_ray import stats
+
+    if res.empty:
+        return res
+    keys = ["stage", "cohort", "policy", "model", "optimizer",
+            *[c for c in res.columns if c.startswith("axis_")]]
+    rows = []
+    for _, g in res.groupby(keys, sort=False, dropna=False):
+        row = g.iloc[0].to_dict()
+        row["seeds"] = len(g)
+        for col in _MEAN:
+            if col in g:
+                values = pd.to_numeric(g[col], errors="coerce")
+                row[col] = float(values.mean()) if values.notna().any() else None
+        row["reached"] = int(g["epochs_to_target"].notna().sum())
+        row["epochs_to_target"] = (float(g["epochs_to_target"].mean())
+                                   if row["reached"] == len(g) else None)
+        if len(g) > 1:
+            for metric in ("test_accuracy", "test_auc"):
+                _, low, high = stats.mean_ci(pd.to_numeric(g[metric], errors="coerce"))
+                row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = low, high
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -206,39 +285,60 @@ def _md(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _table5(res: pd.DataFrame) -> str:
-    s1 = res[res["stage"] == "stage1"]
+def _ci(r: pd.Series, metric: str, fmt=None) -> str:
+    """``value [low, high]`` (accuracy in %, AUC as a fraction)."""
+    f = fmt or _pct
+    low, high = r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")
+    if low is None or (isinstance(low, float) and math.isnan(low)):
+        return f(r.get(metric))
+    return f"{f(r.get(metric))} [{f(low)}, {f(high)}]"
+
+
+def _auc(x: Any) -> str:
+    return _num(x, "{:.3f}")
+
+
+def _table5(agg: pd.DataFrame) -> str:
+    s1 = agg[agg["stage"] == "stage1"]
     rows = []
     for _, r in s1.iterrows():
         paper = presets.TABLE5_STAGE1_ACCURACY.get(r["cohort"])
-        rows.append([r["cohort"], r["model"], r["optimizer"], r["epochs"], _pct(r["final_accuracy"]),
-                     _pct(r["best_accuracy"]), _num(r["final_auc"], "{:.3f}"),
-                     _pct(r["final_sensitivity"]), _pct(r["final_specificity"]),
+        rows.append([r["cohort"], r["model"], r["optimizer"], _num(r["epochs"]),
+                     _num(r["selected_epoch"], "{:.3g}"), _pct(r["val_accuracy"]),
+                     _ci(r, "test_accuracy"), _ci(r, "test_auc", _auc),
+                     _pct(r["test_sensitivity"]), _pct(r["test_specificity"]),
+                     _num(r["threshold"], "{:.2f}"),
                      f"{paper[0]:.2f} ({paper[1]})" if paper else "–"])
-    return _md(["cohort", "model", "optimizer", "epochs", "accuracy %", "best %", "AUC",
-                "sensitivity %", "specificity %", "study % (epochs)"], rows)
+    return _md(["cohort", "model", "optimizer", "epochs", "selected epoch", "val accuracy %",
+                "test accuracy % [95 % CI]", "test AUC [95 % CI]", "sensitivity %",
+                "specificity %", "threshold", "study % (epochs)"], rows)
 
 
-def _table7(res: pd.DataFrame) -> str:
-    s1 = res[res["stage"] == "stage1"].groupby("cohort")["best_accuracy"].max()
-    s2 = res[res["stage"] == "stage2"]
+def _table7(agg: pd.DataFrame) -> str:
+    s1 = agg[agg["stage"] == "stage1"].set_index("cohort")
+    s2 = agg[agg["stage"] == "stage2"]
     rows = []
     for cohort, group in s2.groupby("cohort", sort=False):
-        top = group.sort_values("best_accuracy", ascending=False).iloc[0]
-        clr = group[group["policy"].isin(("triangular", "triangular2", "exp_range",
-                                          "modified_triangular2"))]
-        top_clr = clr.sort_values("best_accuracy", ascending=False).iloc[0] if len(clr) else None
+        by_val = group.sort_values("best_val_accuracy", ascending=False)
+        top = by_val.iloc[0]
+        clr = by_val[by_val["policy"].isin(("triangular", "triangular2", "exp_range",
+                                            "modified_triangular2"))]
+        top_clr = clr.iloc[0] if len(clr) else None
         paper = presets.TABLE8_CLR.get(cohort)
+        before = s1.loc[cohort] if cohort in s1.index else None
+        if isinstance(before, pd.DataFrame):
+            before = before.iloc[0]
+        cell = lambda r: (f"{r['policy']}: {_pct(r['test_accuracy'])} "  # noqa: E731
+                          f"(val {_pct(r['best_val_accuracy'])}) @ {_num(r['selected_epoch'], '{:.3g}')}")
         rows.append([
-            cohort, _pct(s1.get(cohort)),
-            f"{top_clr['policy']}: {_pct(top_clr['best_accuracy'])} @ {top_clr['best_epoch']}"
-            if top_clr is not None else "–",
-            f"{top['policy']}: {_pct(top['best_accuracy'])} @ {top['best_epoch']}",
+            cohort, _pct(before["test_accuracy"]) if before is not None else "–",
+            cell(top_clr) if top_clr is not None else "–", cell(top),
             (f"{_num(paper.accuracy_before)} → {paper.accuracy_after} ({paper.policy}, "
              f"{paper.epochs} ep.)") if paper else "–",
         ])
-    return _md(["cohort", "before (stage 1 best %)", "after, best CLR policy % @ epoch",
-                "after, best of all policies % @ epoch", "study: before → after"], rows)
+    return _md(["cohort", "before (stage-1 test %)", "after, CLR policy chosen on val: test %",
+                "after, policy chosen on val: test %", "study (test split): before → after"],
+               rows)
 
 
 def _table8(res: pd.DataFrame, finder: dict[str, dict[str, Any]]) -> str:
@@ -274,10 +374,14 @@ def _epochs_to_target(res: pd.DataFrame) -> str:
                 continue
             r = by.loc[p]
             r = r.iloc[0] if isinstance(r, pd.DataFrame) else r
-            cells.append("not reached" if pd.isna(r["epochs_to_target"]) else
-                         f"{int(r['epochs_to_target'])} ({r['compute_seconds_to_target']:.0f} s)")
-        rows.append([cohort, _pct(group["target_accuracy"].iloc[0]), *cells])
-    return _md(["cohort", "target %", *policies], rows)
+            if pd.isna(r["epochs_to_target"]):
+                cells.append("not reached" if not r.get("reached") else
+                             f"reached in {int(r['reached'])}/{int(r['seeds'])} seeds")
+            else:
+                cells.append(f"{_num(r['epochs_to_target'], '{:.3g}')} "
+                             f"({_num(r['compute_seconds_to_target'], '{:.0f}')} s)")
+        rows.append([cohort, _pct(group["target_val_accuracy"].iloc[0]), *cells])
+    return _md(["cohort", "target (val) %", *policies], rows)
 
 
 def _cost(runs: list[Run], experiment: Path) -> str | None:
@@ -321,11 +425,12 @@ def _backbones(res: pd.DataFrame) -> str | None:
         r = g.iloc[0]
         paper = presets.TABLE6_BACKBONES.get(model) if opt == "sgd" and cohort == "Atelectasis" \
             else None
-        rows.append([cohort, model, opt, r["epochs"], _pct(r["best_accuracy"]),
+        rows.append([cohort, model, opt, r["epochs"], _ci(r, "test_accuracy"),
                      _num(r["seconds_per_epoch"], "{:.1f}"),
                      f"{paper.accuracy:.2f} % ({paper.epochs} ep., {paper.hours_per_epoch} h/epoch)"
                      if paper else "–"])
-    return _md(["cohort", "backbone", "optimizer", "epochs", "best accuracy %", "s / epoch",
+    return _md(["cohort", "backbone", "optimizer", "epochs", "test accuracy % [95 % CI]",
+                "s / epoch",
                 "study"], rows)
 
 
@@ -372,18 +477,24 @@ def _plots(runs: list[Run], finder: dict[str, dict[str, Any]], out: Path) -> dic
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         made["lr_find"].append(name)
-    # Test accuracy and loss vs epoch, every policy of a cohort.
+    # Validation accuracy, test accuracy and validation loss vs epoch, every policy of a
+    # cohort (the first seed's trials).
+    first_seed = min((int(r.trial.get("seed") or 0) for r in stage2), default=0)
+    stage2 = [r for r in stage2 if int(r.trial.get("seed") or 0) == first_seed]
     cohorts = list(dict.fromkeys(r.trial["cohort"] for r in stage2))
     for cohort in cohorts:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 3.8))
         for r in (x for x in stage2 if x.trial["cohort"] == cohort):
             ep = [h["epoch"] for h in r.history]
-            a1.plot(ep, [100 * (h.get("test_accuracy") or np.nan) for h in r.history],
-                    marker="o", ms=3, label=r.trial.get("policy"))
-            a2.plot(ep, [h.get("test_loss") or np.nan for h in r.history], marker="o", ms=3,
-                    label=r.trial.get("policy"))
-        a1.set(xlabel="epoch", ylabel="test accuracy %", title=f"{cohort}: test accuracy")
-        a2.set(xlabel="epoch", ylabel="test loss", title=f"{cohort}: test loss")
+            for ax, key, scale in ((a1, "val_accuracy", 100), (a2, "test_accuracy", 100),
+                                   (a3, "val_loss", 1)):
+                ax.plot(ep, [scale * (h.get(key) if h.get(key) is not None else np.nan)
+                             for h in r.history], marker="o", ms=3, label=r.trial.get("policy"))
+        a1.set(xlabel="epoch", ylabel="val accuracy %",
+               title=f"{cohort}: validation accuracy (selects)")
+        a2.set(xlabel="epoch", ylabel="test accuracy % (at 0.5)",
+               title=f"{cohort}: test accuracy (reported)")
+        a3.set(xlabel="epoch", ylabel="val loss", title=f"{cohort}: validation loss")
         a1.legend(fontsize=7)
         fig.tight_layout()
         name = f"curves_{cohort}.png"
@@ -404,10 +515,75 @@ def read_lr_finds(experiment: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _provenance(experiment: Path, runs: list[Run]) -> list[str]:
+    """Which data made the experiment: the shard set's metadata hash and split seed."""
+    from cxr_ray.data import shards as shard_io
+
+    recipe = paths.read_json(experiment / paths.RECIPE_FILE) or {}
+    where = (recipe.get("experiment") or {}).get("shards") or next(
+        (r.plan.get("shards") for r in runs if r.plan.get("shards")), None)
+    manifest = shard_io.read_manifest(Path(where)) if where else None
+    if not manifest:
+        return []
+    source, cohorts = manifest.get("source") or {}, (manifest.get("settings") or {}).get(
+        "cohorts") or {}
+    return [f"Data: shard set `{where}` from metadata `{source.get('metadata')}` "
+            f"(sha256 `{str(source.get('metadata_sha256'))[:16]}…`), split "
+            f"`{cohorts.get('split')}` with split seed {source.get('split_seed', cohorts.get('seed'))}"
+            f" (test fraction {cohorts.get('test_fraction')}, validation "
+            f"{cohorts.get('val_fraction')} of the training side).", ""]
+
+
+def _paired_section(paired: pd.DataFrame) -> list[str]:
+    from cxr_ray.sweep import compare
+
+    if paired.empty:
+        return []
+    rows = [[r["cohort"], r["policy"], int(r["seeds"]), int(r["test_images"]),
+             _pct(r["accuracy_policy"]), _pct(r["accuracy_constant"]),
+             f"{100 * r['diff']:+.1f} [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]",
+             _num(r["p_value"], "{:.3g}"), _num(r["p_holm"], "{:.3g}"),
+             _num(100 * r["mdd"], "{:.1f}"), r["verdict"]] for _, r in paired.iterrows()]
+    counts = paired["verdict"].value_counts()
+    return ["## Each policy against constant, paired on the same test images", "",
+            "Test accuracy at each model's validation-chosen threshold, at its validation-"
+            "selected epoch. Difference (points) with its 95 % CI from a bootstrap over "
+            f"patients; p from {paired['test'].iloc[0]}; Holm-adjusted over all "
+            f"{len(paired)} comparisons; MDD: the smallest difference this test size detects "
+            f"with 80 % power at α = {compare.ALPHA}. Verdicts: significant after Holm → "
+            f"which is more accurate; else \"no difference found\" when the CI lies within "
+            f"±{100 * compare.MARGIN:.0f} points (declared before the results), else \"too "
+            "few images to tell\".", "",
+            "Verdicts: " + ", ".join(f"{v}: {n}" for v, n in counts.items()) + ".", "",
+            _md(["cohort", "policy", "seeds", "test images", "policy %", "constant %",
+                 "difference [95 % CI]", "p", "p (Holm)", "MDD (points)", "verdict"], rows), ""]
+
+
+def _question_section(table: pd.DataFrame, sentence: str) -> list[str]:
+    from cxr_ray.sweep import compare
+
+    parts = ["## The study's question", "",
+             "Pre-declared, not best-of-many: per cohort, the CLR policy chosen on validation "
+             f"({', '.join(compare.CLR)}: highest best validation accuracy, mean over seeds; "
+             "ties → fewer epochs to target, then grid order) against constant: does it reach "
+             "constant's best validation accuracy in fewer epochs? A policy that never reaches "
+             "it counts as the planned epochs + 1; equal epochs are ties; the p-value is a "
+             "two-sided sign test over cohorts with ties excluded.", ""]
+    if not table.empty:
+        parts += [_md(["cohort", "chosen CLR policy", "its best val %", "constant best val %",
+                       "epochs (chosen)", "epochs (constant)", "outcome"],
+                      [[r["cohort"], r["chosen_policy"], _pct(r["chosen_best_val_accuracy"]),
+                        _pct(r["constant_best_val_accuracy"]), _num(r["chosen_epochs"], "{:.3g}"),
+                        _num(r["constant_epochs"], "{:.3g}"), r["outcome"]]
+                       for _, r in table.iterrows()]), ""]
+    return parts + [f"**{sentence}**", ""]
+
+
 def write_report(experiment: str | Path, *, target: float | str = "constant",
                  title: str | None = None) -> Path:
     """Write ``results.csv``, ``report.md`` and the plots into ``EXP/report/``; return report.md."""
     from cxr_ray.errors import UserError
+    from cxr_ray.sweep import compare
 
     experiment = Path(experiment)
     runs = find_runs(experiment)
@@ -418,52 +594,77 @@ def write_report(experiment: str | Path, *, target: float | str = "constant",
     out.mkdir(parents=True, exist_ok=True)
     res = results_table(runs, target)
     res.to_csv(out / "results.csv", index=False)
+    agg = over_seeds(res)
+    paired = compare.paired_against_constant(res)
+    if not paired.empty:
+        paired.to_csv(out / "paired.csv", index=False)
+    question, sentence = compare.study_question(res)
     finder = read_lr_finds(experiment)
     plots = _plots(runs, finder, out)
-    ranking = rank_policies(res)
-    target_text = (f"{100 * target:.1f} %" if isinstance(target, (int, float)) else
-                   {"constant": "the best test accuracy the constant-lr policy reached in stage 2 "
-                                "for that cohort (the study's comparison)",
-                    "stage1": "the stage-1 model's best test accuracy"}.get(target, str(target)))
+    ranking = rank_policies(agg)
+    seeds = sorted(set(res["seed"]))
+    target_text = (f"{100 * target:.1f} % validation accuracy"
+                   if isinstance(target, (int, float)) else
+                   {"constant": "the best validation accuracy the constant-lr policy reached in "
+                                "stage 2 for that cohort and seed (the study's comparison)",
+                    "stage1": "the stage-1 model's best validation accuracy"}.get(target,
+                                                                                 str(target)))
     parts = [f"# {title or 'cxr-ray report'}: `{experiment.name}`", "",
              f"{len(res)} trials: {int((res['stage'] == 'stage1').sum())} stage-1, "
-             f"{int((res['stage'] == 'stage2').sum())} stage-2. Accuracy, sensitivity and "
-             "specificity are on each cohort's whole (patient-wise) test split at threshold 0.5. "
+             f"{int((res['stage'] == 'stage2').sum())} stage-2; training seeds "
+             f"{', '.join(map(str, seeds))}. All trials: [results.csv](results.csv).", "",
+             "**Which split each number comes from.** Every cohort is split by patient into "
+             "train / validation / test. Everything that *chooses* uses validation only: the "
+             "epoch a run keeps (its checkpoint metric), the operating threshold (Youden's J on "
+             "validation, reported beside 0.5), the target and the epochs to reach it, the best "
+             "policy per cohort and the ranking. Test numbers are those of the validation-"
+             "selected epoch at the validation-chosen threshold, with 95 % CIs (bootstrap over "
+             "patients" + ("; Student-t over seeds where several" if len(seeds) > 1 else "") +
+             "). The study had no validation split: its numbers, shown beside ours, are "
+             "test-split numbers selected on test.", "",
              f"Target per cohort: {target_text}. Compute seconds are train + eval time of the "
-             "epochs up to the crossing. All trials: [results.csv](results.csv).", ""]
+             "epochs up to the crossing.", "", *_provenance(experiment, runs)]
     stopped = [r for r in runs if r.trial.get("stop_at") is not None]
     if stopped:
-        parts += [f"{len(stopped)} stage-2 trials were to stop once their test accuracy reached "
-                  "a target fixed before stage 2 (`[stage2] stop_at`); "
+        parts += [f"{len(stopped)} stage-2 trials were to stop once their validation accuracy "
+                  "reached a target fixed before stage 2 (`[stage2] stop_at`); "
                   f"{sum(bool(r.trial.get('stopped_at_target')) for r in stopped)} did. Their "
                   "final and best accuracies stop there: compare them on epochs and compute to "
                   "the target only.", ""]
+    if not question.empty or not paired.empty:
+        parts += _question_section(question, sentence)
+        parts += _paired_section(paired)
     if not ranking.empty:
         parts += ["## Policy ranking", "",
-                  "Within each cohort policies are ranked by epochs to the target (then best "
-                  "accuracy); lower mean rank is better.", "",
+                  "Within each cohort policies are ranked by epochs to the validation target "
+                  "(then best validation accuracy); lower mean rank is better. A ranking is "
+                  "descriptive: the paired tests above say which differences are more than "
+                  "noise.", "",
                   _md(["policy", "mean rank", "best in cohorts", "reached target",
-                       "median epochs to target", "mean best accuracy %", "mean compute s"],
+                       "median epochs to target", "mean best val accuracy %",
+                       "mean test accuracy %", "mean compute s"],
                       [[r["policy"], f"{r['mean_rank']:.2f}", r["best_in_cohorts"],
                         f"{r['reached']}/{r['trials']}", _num(r["median_epochs_to_target"]),
-                        _pct(r["mean_best_accuracy"]), _num(r["mean_compute_seconds"], "{:.1f}")]
+                        _pct(r["mean_best_val_accuracy"]), _pct(r["mean_test_accuracy"]),
+                        _num(r["mean_compute_seconds"], "{:.1f}")]
                        for _, r in ranking.iterrows()]), ""]
         best_rows = []
-        s2 = res[res["stage"] == "stage2"]
+        s2 = agg[agg["stage"] == "stage2"]
         for cohort, g in s2.groupby("cohort", sort=False):
-            g = g.assign(_e=g["epochs_to_target"].fillna(g["epochs"].max() + 1))
-            top = g.sort_values(["_e", "best_accuracy"], ascending=[True, False]).iloc[0]
-            best_rows.append([cohort, top["policy"], _num(top["epochs_to_target"]),
-                              _pct(top["best_accuracy"])])
-        parts += ["## Best policy per cohort", "",
-                  _md(["cohort", "best policy", "epochs to target", "best accuracy %"],
-                      best_rows), ""]
-        parts += ["## Epochs (compute seconds) to reach the target", "", _epochs_to_target(res), ""]
-    parts += ["## Stage 1 per cohort (the study's Table 5)", "", _table5(res), ""]
+            g = g.assign(_e=g["epochs_to_target"].fillna(g["planned_epochs"].max() + 1))
+            top = g.sort_values(["_e", "best_val_accuracy"], ascending=[True, False]).iloc[0]
+            best_rows.append([cohort, top["policy"], _num(top["epochs_to_target"], "{:.3g}"),
+                              _pct(top["best_val_accuracy"]), _ci(top, "test_accuracy")])
+        parts += ["## Best policy per cohort (chosen on validation)", "",
+                  _md(["cohort", "best policy", "epochs to target", "best val accuracy %",
+                       "its test accuracy % [95 % CI]"], best_rows), ""]
+        parts += ["## Epochs (compute seconds) to reach the validation target", "",
+                  _epochs_to_target(agg), ""]
+    parts += ["## Stage 1 per cohort (the study's Table 5)", "", _table5(agg), ""]
     if not ranking.empty:
-        parts += ["## Before / after CLR (the study's Table 7)", "", _table7(res), "",
-                  "## CLR parameters used (the study's Table 8)", "", _table8(res, finder), ""]
-    backbones = _backbones(res)
+        parts += ["## Before / after CLR (the study's Table 7)", "", _table7(agg), "",
+                  "## CLR parameters used (the study's Table 8)", "", _table8(agg, finder), ""]
+    backbones = _backbones(agg)
     if backbones:
         parts += ["## Backbone × optimizer (the study's Table 6)", "", backbones, ""]
     cost = _cost(runs, experiment)
@@ -478,7 +679,7 @@ def write_report(experiment: str | Path, *, target: float | str = "constant",
         parts += ["## Plots", ""]
         parts += [f"![lr per step for each policy]({p})" for p in plots["lr"]]
         parts += [f"![LR range test]({p})" for p in plots["lr_find"]]
-        parts += [f"![test accuracy and loss per epoch]({p})" for p in plots["curves"]]
+        parts += [f"![validation and test accuracy per epoch]({p})" for p in plots["curves"]]
         parts.append("")
     path = out / "report.md"
     path.write_text("\n".join(parts))

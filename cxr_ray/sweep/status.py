@@ -67,14 +67,16 @@ def trial_status(spec: Any, experiment: Path, tune: dict[str, dict[str, Any]]) -
     plan = _read_json(run_dir / report.CONFIG_FILE) or {}
     history = _history(run_dir)
     last = history[-1] if history else {}
-    accuracy, best_epoch = report.best(history)
+    accuracy, best_epoch = report.best(history)  # validation: what selects
+    at_best = next((r for r in history if r["epoch"] == best_epoch), {})
     row: dict[str, Any] = {
         "stage": spec.stage, "run": spec.run_name, "cohort": spec.cohort,
         "policy": spec.policy or (plan.get("policy") or {}).get("name"), "axes": spec.axes,
         "epoch": int(last.get("epoch", 0)), "epochs": plan.get("epochs") or
-        spec.train.get("epochs"), "test_accuracy": last.get("test_accuracy"),
-        "test_auc": last.get("test_auc"), "best_accuracy": accuracy, "best_epoch": best_epoch,
-        "note": None}
+        spec.train.get("epochs"), "val_accuracy": last.get("val_accuracy"),
+        "test_accuracy": last.get("test_accuracy"), "test_auc": last.get("test_auc"),
+        "best_accuracy": accuracy, "best_epoch": best_epoch,
+        "best_test_accuracy": at_best.get("test_accuracy_at_threshold"), "note": None}
     tuned = tune.get(spec.run_name, {})
     if (run_dir / report.TRIAL_FILE).is_file():
         row["state"] = "finished"
@@ -113,8 +115,8 @@ def experiment_status(experiment: str | Path) -> dict[str, Any]:
 
 
 def best_so_far(stages: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per cohort: the stage-2 trial with the best test accuracy of any finished epoch (or the
-    stage-1 one while stage 2 has none)."""
+    """Per cohort: the stage-2 trial with the best validation accuracy of any finished epoch
+    (or the stage-1 one while stage 2 has none), with that epoch's test accuracy."""
     best: dict[str, dict[str, Any]] = {}
     for stage in ("stage1", "stage2"):
         for t in stages.get(stage, {}).get("trials", []):
@@ -122,9 +124,10 @@ def best_so_far(stages: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 continue
             current = best.get(t["cohort"])
             if (current is None or current["stage"] != stage or
-                    t["best_accuracy"] > current["test_accuracy"]):
+                    t["best_accuracy"] > current["val_accuracy"]):
                 best[t["cohort"]] = {"stage": stage, "policy": t["policy"], "run": t["run"],
-                                     "test_accuracy": t["best_accuracy"],
+                                     "val_accuracy": t["best_accuracy"],
+                                     "test_accuracy": t["best_test_accuracy"],
                                      "epoch": t["best_epoch"], "state": t["state"]}
     return best
 
@@ -143,15 +146,18 @@ def format_status(status: dict[str, Any]) -> str:
         width = max(len(t["run"]) for t in info["trials"])
         for t in info["trials"]:
             epochs = f"epoch {t['epoch']}/{t['epochs'] or '?'}" if t["state"] != "pending" else ""
-            acc = f"test acc {pct(t['test_accuracy'])}" if t["test_accuracy"] is not None else ""
+            acc = (f"val acc {pct(t['val_accuracy'])}  test acc {pct(t['test_accuracy'])}"
+                   if t["val_accuracy"] is not None else "")
             note = f"({t['note']})" if t["note"] else ""
             lines.append("  " + "  ".join(x for x in (
                 t["run"].ljust(width), t["state"].ljust(8), epochs.ljust(12), acc, note) if x
             ).rstrip())
     if status["best"]:
-        lines.append("best so far (test accuracy of any finished epoch):")
+        lines.append("best so far (selected on validation accuracy; test accuracy of that "
+                     "epoch at the validation-chosen threshold):")
         for cohort, b in status["best"].items():
             label = b["policy"] if b["stage"] == "stage2" else f"{b['policy']} (stage 1)"
-            lines.append(f"  {cohort}: {label} {pct(b['test_accuracy']).strip()} at epoch "
-                         f"{b['epoch']} ({b['state']})")
+            lines.append(f"  {cohort}: {label} val {pct(b['val_accuracy']).strip()}, test "
+                         f"{pct(b['test_accuracy']).strip()} at epoch {b['epoch']} "
+                         f"({b['state']})")
     return "\n".join(lines)

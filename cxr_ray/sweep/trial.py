@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from cxr_ray import paths
 from cxr_ray.sweep.plan import TrialSpec
 from cxr_ray.train import LrFindSpec, TrainConfig, TrainSummary
+from cxr_ray.train.config import SELECTION_ACCURACY
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def trial_config(spec: TrialSpec, experiment: Path) -> TrainConfig:
                                    / paths.LR_FIND_FILE)
         if isinstance(spec.stop_at, str):  # "stage1+MARGIN": fixed before stage 2 trains
             stage1 = paths.read_json(source / paths.SUMMARY_FILE)["history"]
-            best = max(r["test_accuracy"] for r in stage1 if r.get("test_accuracy") is not None)
+            best = max(r[SELECTION_ACCURACY] for r in stage1
+                       if r.get(SELECTION_ACCURACY) is not None)
             cfg["stop_at"] = min(1.0, best + float(spec.stop_at.split("+", 1)[1]))
         elif spec.stop_at is not None:
             cfg["stop_at"] = float(spec.stop_at)
@@ -81,12 +83,15 @@ def run_trial(spec: TrialSpec, experiment: Path, fit: Fit, *, launcher: str) -> 
     # Where this trial's time went (the report's cost table): wall time of this call, the
     # Ray Train fits it started, and the train + eval seconds of the epochs it trained.
     trained = summary.history[summary.resumed_from_epoch:]
-    last = summary.history[-1] if summary.history else {}
+    # The run's model is its validation-selected epoch: its test numbers are the headline.
+    chosen = next((r for r in summary.history if r["epoch"] == summary.selected_epoch),
+                  summary.history[-1] if summary.history else {})
     trial = {
         "stage": spec.stage, "cohort": spec.cohort, "policy": spec.policy, "axes": spec.axes,
         "lr_source": spec.lr_source, "stage1_run": spec.stage1_run,
         "step_size_epochs": step_size_epochs, "status": "finished", "launcher": launcher,
         "stop_at": config.stop_at, "stopped_at_target": summary.stopped_at_target,
+        "seed": config.seed, "selected_epoch": chosen.get("epoch"),
         "trial_seconds": time.perf_counter() - t0,
         "fits": int(launcher == "ray_train" and summary.startup_seconds is not None),
         "epoch_seconds": sum(r.get("epoch_seconds") or 0.0 for r in trained),
@@ -95,7 +100,9 @@ def run_trial(spec: TrialSpec, experiment: Path, fit: Fit, *, launcher: str) -> 
         "metrics": {
             "cohort": spec.cohort, "policy": spec.policy or "", "stage": spec.stage,
             "epochs": summary.epochs, "compute_seconds": summary.compute_seconds,
-            **{k: v for k, v in last.items() if k.startswith("test_") and v is not None},
+            "seed": config.seed, "selected_epoch": chosen.get("epoch"),
+            **{k: v for k, v in chosen.items()
+               if k.startswith(("test_", "val_")) and v is not None},
             "best_metric": summary.best_metric if summary.best_metric is not None
             else math.nan},
     }

@@ -61,7 +61,7 @@ workers = 1
 launcher = "ray_train"   # Ray Train workers are what must land on the fake GPU nodes
 cpus_per_worker = 0.5
 threads = 1
-checkpoint_metric = "test_accuracy"
+checkpoint_metric = "val_accuracy"
 keep_checkpoints = 1
 worker_resources = {{gpu_node = 0.01}}
 

@@ -56,7 +56,7 @@ batch_size = 16
 workers = 1
 cpus_per_worker = 0.5
 threads = 1
-checkpoint_metric = "test_accuracy"
+checkpoint_metric = "val_accuracy"
 keep_checkpoints = 1
 
 [stage1]
@@ -232,12 +232,22 @@ def test_report_has_every_trial_table_and_plot(experiment):
         ("stage1", c, "time_decay") for c in COHORTS} | {
         ("stage2", c, p) for c in COHORTS for p in POLICIES}
     for r in rows:
-        assert 0 <= float(r["final_accuracy"]) <= 1 and float(r["compute_seconds"]) > 0
+        # the validation-selected epoch's test accuracy, inside its patient-bootstrap CI
+        acc, low, high = (float(r[k]) for k in ("test_accuracy", "test_accuracy_ci_low",
+                                                "test_accuracy_ci_high"))
+        assert 0 <= low <= acc <= high <= 1 and float(r["compute_seconds"]) > 0
         assert int(r["epochs"]) == (2 if r["stage"] == "stage1" else 3)
+        assert 1 <= int(r["selected_epoch"]) <= int(r["epochs"])
+        assert 0 < float(r["threshold"]) < 1 and int(r["val_images"]) > 0
         assert int(r["images_processed"]) > 0
     text = experiment["report"].read_text()
-    for heading in ("Table 5", "Table 7", "Table 8", "Best policy", "Where the time went"):
+    for heading in ("Table 5", "Table 7", "Table 8", "Best policy", "Where the time went",
+                    "The study's question", "paired on the same test images",
+                    "Which split each number comes from", "sign test"):
         assert heading in text, heading
+    paired = list(csv.DictReader((experiment["report"].parent / "paired.csv").open()))
+    assert {(r["cohort"], r["policy"]) for r in paired} == {
+        (c, p) for c in COHORTS for p in POLICIES if p != "constant"}
     for cohort in COHORTS:
         assert f"curves_{cohort}.png" in text and f"lr_find_{cohort}.png" in text
     for link in [ln.split("](")[1].split(")")[0] for ln in text.splitlines() if "](" in ln]:

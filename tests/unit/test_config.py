@@ -53,6 +53,30 @@ def test_any_training_key_can_be_a_grid_axis():
     assert {s.train["batch_size"] for s in stage2} == {8, 16}
 
 
+def test_each_seed_trains_its_own_stage1_lr_test_and_stage2():
+    recipe = config.parse_recipe({
+        "experiment": {"name": "x", "shards": "s", "cohorts": ["Mass"], "seeds": 3},
+        "grid": {"policy": ["constant", "triangular"]}})
+    stage1, stage2, _ = sweep.plan_trials(recipe)
+    assert [(s.run_name, s.seed, s.train["seed"]) for s in stage1] == [
+        ("Mass__seed0", 0, 0), ("Mass__seed1", 1, 1), ("Mass__seed2", 2, 2)]
+    assert all(s.lr_find for s in stage1)
+    assert len(stage2) == 6
+    for spec in stage2:  # from its own seed's stage-1 model, trained with that seed
+        assert spec.stage1_run == f"Mass__seed{spec.seed}" == spec.run_name.replace(
+            f"__{spec.policy}", "")
+        assert spec.train["seed"] == spec.seed
+    listed = config.parse_recipe({"experiment": {"name": "x", "shards": "s", "seeds": [4, 9]}})
+    assert {s.seed for s in sweep.plan_trials(listed)[0]} == {4, 9}
+    # one seed (the default): no suffix, the [train] seed
+    one = config.parse_recipe({"experiment": {"name": "x", "shards": "s", "cohorts": ["Mass"]},
+                               "train": {"seed": 5}})
+    assert [(s.run_name, s.seed) for s in sweep.plan_trials(one)[0]] == [("Mass", 5)]
+    for bad in (0, [1, 1], [-1], "3", True):
+        with pytest.raises(UserError, match="seeds"):
+            config.parse_recipe({"experiment": {"name": "x", "shards": "s", "seeds": bad}})
+
+
 @pytest.mark.parametrize("recipe, expect", [
     ({"experiment": {"shards": "s"}}, r"\[experiment\] name: required"),
     ({"experiment": {"name": "x"}}, r"\[experiment\] shards: required"),
@@ -124,13 +148,15 @@ def test_stop_at_is_a_number_or_stage1_plus_a_margin(tmp_path):
     recipe = config.parse_recipe(data, "r.toml")
     _, stage2, _ = sweep.plan_trials(recipe)
     assert {s.stop_at for s in stage2} == {"stage1+0.05"}
-    # resolved in the trial from the finished stage-1 run: its best accuracy plus the margin
+    # resolved in the trial from the finished stage-1 run: its best validation accuracy plus
+    # the margin (never its test accuracy)
     spec = stage2[0]
     stage1 = tmp_path / "stage1" / spec.stage1_run
     stage1.mkdir(parents=True)
     (stage1 / "summary.json").write_text(json.dumps({"history": [
-        {"epoch": 1, "test_accuracy": 0.70}, {"epoch": 2, "test_accuracy": 0.81},
-        {"epoch": 3, "test_accuracy": None}]}))
+        {"epoch": 1, "val_accuracy": 0.70, "test_accuracy": 0.99},
+        {"epoch": 2, "val_accuracy": 0.81, "test_accuracy": 0.5},
+        {"epoch": 3, "val_accuracy": None}]}))
     (tmp_path / "lr_find" / spec.stage1_run).mkdir(parents=True)
     spec.train["shards"] = str(tmp_path)  # not opened here
     assert trial_config(spec, tmp_path).stop_at == pytest.approx(0.86)

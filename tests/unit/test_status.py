@@ -35,7 +35,8 @@ def _run(exp: Path, stage: str, name: str, accuracies: list[float], epochs: int,
     run = exp / stage / name
     _write(run / "config.json", {"epochs": epochs, "policy": {"name": policy}})
     _write(run / "history.jsonl", "".join(
-        json.dumps({"epoch": i + 1, "test_accuracy": a, "test_auc": 0.5}) + "\n"
+        json.dumps({"epoch": i + 1, "val_accuracy": a, "test_accuracy": a - 0.1,
+                    "test_accuracy_at_threshold": a - 0.05, "test_auc": 0.5}) + "\n"
         for i, a in enumerate(accuracies)))
     if summary or finished:
         _write(run / "summary.json", {})
@@ -97,9 +98,10 @@ def test_every_planned_trial_gets_its_state(experiment):
 def test_best_so_far_is_stage2_per_cohort_else_stage1(experiment):
     best = status.experiment_status(experiment)["best"]
     assert best["Cardiomegaly"] == {"stage": "stage2", "policy": "constant",
-                                    "run": "Cardiomegaly__constant", "test_accuracy": 0.74,
+                                    "run": "Cardiomegaly__constant", "val_accuracy": 0.74,
+                                    "test_accuracy": pytest.approx(0.69),
                                     "epoch": 2, "state": "finished"}
-    assert best["Effusion"]["stage"] == "stage1" and best["Effusion"]["test_accuracy"] == 0.65
+    assert best["Effusion"]["stage"] == "stage1" and best["Effusion"]["val_accuracy"] == 0.65
     # a running stage-2 trial that beats the finished one takes over
     _run(experiment, "stage2", "Effusion__triangular", [0.80], 3, "triangular")
     best = status.experiment_status(experiment)["best"]
@@ -113,7 +115,7 @@ def test_status_command_text_and_json(experiment, capsys):
     assert "stage2: 1/4 finished, 0 running, 2 pending, 1 failed" in out
     line = next(ln for ln in out.splitlines() if "Cardiomegaly__triangular" in ln)
     assert "failed" in line and "epoch 1/3" in line and "the node died" in line
-    assert "Cardiomegaly: constant 74.0% at epoch 2 (finished)" in out
+    assert "Cardiomegaly: constant val 74.0%, test 69.0% at epoch 2 (finished)" in out
     assert cli.main(["status", "--experiment", str(experiment), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data) == {"experiment", "stages", "best", "counts"}
