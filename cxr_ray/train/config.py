@@ -80,8 +80,9 @@ class TrainConfig:
     lr_bounds: str | None = None
     """JSON with ``base_lr`` and ``max_lr`` (``cxr-ray lr-find``'s ``lr_find.json``); flags win."""
     step_size_epochs: float | None = None
-    """CLR half cycle in epochs (converted to optimizer steps; ``sgdr`` restarts every
-    twice this). Paper: 2."""
+    """CLR half cycle in epochs (converted to optimizer steps, rounded down, so a run of
+    ``epochs`` holds at least ``epochs / (2 * step_size_epochs)`` full cycles; ``sgdr``
+    restarts every twice this). Paper: 2."""
     decay: float | None = None
     """Keras time decay on top of the policy. Paper: Table 4's for ``time_decay``, else 0."""
     gamma: float = 1.0
@@ -382,7 +383,7 @@ def _resolve_policy(c: TrainConfig, paper: bool, stage1: presets.Stage1Recipe,
         raise UserError(f"policy {name} needs --base-lr and --max-lr (or --lr-bounds FILE from "
                         "cxr-ray lr-find)")
     return schedules.PolicyConfig(
-        name=name, base_lr=base, max_lr=top, step_size=max(1, round(step_epochs * spe)),
+        name=name, base_lr=base, max_lr=top, step_size=max(1, math.floor(step_epochs * spe + 1e-9)),
         gamma=c.gamma, decay=c.decay or 0.0,
         total_steps=c.epochs * spe if name in schedules.TOTAL_STEPS_POLICIES else None,
         pct_start=c.pct_start).validate()

@@ -26,6 +26,27 @@ def test_demo_recipe_is_all_15_cohorts_by_all_policies():
     assert stage2[0].run_name == "Atelectasis__constant"
 
 
+def test_demo_stage2_runs_four_full_cycles_so_the_triangular2_variants_part():
+    """At any cohort size, the demo's stage 2 holds four full CLR cycles (the step size is
+    rounded down to whole steps), and modified triangular2 leaves triangular2 in the fourth."""
+    import math
+
+    from cxr_ray.optim import schedules
+
+    recipe = config.load_recipe(JOBS / "demo.toml")
+    epochs, half = recipe.stage2["epochs"], recipe.stage2["step_size_epochs"]
+    for spe in range(4, 120):  # steps per epoch: Hernia's few batches to OneClass's many
+        step = max(1, math.floor(half * spe + 1e-9))
+        total = epochs * spe
+        assert total >= 4 * 2 * step, spe
+        lrs = {name: schedules.policy_lrs(schedules.PolicyConfig(
+            name=name, base_lr=0.001, max_lr=0.01, step_size=step).validate(), total)
+            for name in ("triangular2", "modified_triangular2")}
+        three = 3 * 2 * step
+        assert lrs["triangular2"][:three] == pytest.approx(lrs["modified_triangular2"][:three])
+        assert lrs["triangular2"][three:] != pytest.approx(lrs["modified_triangular2"][three:])
+
+
 def test_paper_recipe_has_the_backbone_by_optimizer_comparison():
     recipe = config.load_recipe(JOBS / "paper.toml")
     stage1, stage2, comparison = sweep.plan_trials(recipe)
