@@ -16,6 +16,8 @@ A run directory (``cxr-ray train --out RUN``, or ``EXP/<stage>/<run>`` in a swee
 An experiment directory (``storage_path/name`` of a sweep recipe)::
 
     EXP/recipe.json                  the validated recipe (a re-run must match it)
+    EXP/data.json                    the data it ran on: shard fingerprint, metadata sha256,
+                                     split seed (a re-run must match it)
     EXP/stage1/<run>/, EXP/stage2/<run>/, EXP/comparison/<run>/   run directories
     EXP/<stage>/<run>/trial.json     a finished trial's summary (written last)
     EXP/lr_find/<run>/               LR range test of a stage-1 model: lr_find.json, .png,
@@ -49,6 +51,7 @@ LR_FIND_PLOT = "lr_find.png"
 
 # --------------------------------------------------------------------------- an experiment
 RECIPE_FILE = "recipe.json"
+DATA_FILE = "data.json"
 TRIAL_FILE = "trial.json"
 SWEEP_LOG = "sweep_log.jsonl"
 STAGES = ("stage1", "stage2", "comparison")

@@ -39,7 +39,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from cxr_ray import paths
 from cxr_ray.data import shards as shard_io
 from cxr_ray.sweep import capacity, report
-from cxr_ray.sweep.plan import TrialSpec, check_recipe, launcher_of, plan_trials
+from cxr_ray.sweep.plan import TrialSpec, check_data, check_recipe, launcher_of, plan_trials
 from cxr_ray.sweep.recipe import Recipe
 from cxr_ray.sweep.trial import run_trial
 from cxr_ray.errors import UserError
@@ -220,6 +220,7 @@ def run_sweep(recipe: Recipe, *, resume: bool = False, address: str | None = Non
     stage1, stage2, comparison = plan_trials(recipe)
     experiment.mkdir(parents=True, exist_ok=True)
     check_recipe(experiment, recipe)
+    check_data(experiment, recipe)
     start = time.perf_counter()
     with ray_session(address):
         log.info("Ray: %s CPUs, %s GPUs", ray.cluster_resources().get("CPU", 0),

@@ -151,3 +151,35 @@ def check_recipe(experiment: Path, recipe: Recipe) -> None:
                             "restore the recipe to resume")
     else:
         paths.write_json(stored, current)
+
+
+def data_record(shards: str | Path) -> dict[str, Any]:
+    """What made an experiment's data: the shard set's inputs fingerprint, its metadata file
+    and that file's sha256, the split mode, split seed and fractions (from its manifest)."""
+    from cxr_ray.data import shards as shard_io
+
+    manifest = shard_io.open_shards(shards).manifest
+    source = manifest.get("source") or {}
+    return {"shards": str(Path(shards).expanduser().resolve()),
+            "inputs_fingerprint": manifest.get("inputs_fingerprint"),
+            "metadata": source.get("metadata"), "metadata_sha256": source.get("metadata_sha256"),
+            "split_seed": source.get("split_seed"), "size": manifest.get("size"),
+            "cohorts": (manifest.get("settings") or {}).get("cohorts")}
+
+
+def check_data(experiment: Path, recipe: Recipe) -> dict[str, Any]:
+    """Record the experiment's data (``EXP/data.json``) on its first run; refuse a resume on
+    a shard set made from other inputs or splits (its trials would not be comparable)."""
+    now = data_record(recipe.experiment.shards)
+    stored = paths.read_json(experiment / paths.DATA_FILE)
+    if stored is None:
+        paths.write_json(experiment / paths.DATA_FILE, now)
+        return now
+    keys = ("inputs_fingerprint", "metadata_sha256", "split_seed", "size", "cohorts")
+    changed = [k for k in keys if stored.get(k) != now.get(k)]
+    if changed:
+        raise UserError(f"{experiment} was started on other data ({', '.join(changed)} of "
+                        f"{now['shards']} differ from {paths.DATA_FILE}); use a new experiment "
+                        "name, or the shard set it was started on")
+    return stored
+

@@ -515,23 +515,17 @@ def read_lr_finds(experiment: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _provenance(experiment: Path, runs: list[Run]) -> list[str]:
-    """Which data made the experiment: the shard set's metadata hash and split seed."""
-    from cxr_ray.data import shards as shard_io
-
-    recipe = paths.read_json(experiment / paths.RECIPE_FILE) or {}
-    where = (recipe.get("experiment") or {}).get("shards") or next(
-        (r.plan.get("shards") for r in runs if r.plan.get("shards")), None)
-    manifest = shard_io.read_manifest(Path(where)) if where else None
-    if not manifest:
+def _provenance(experiment: Path) -> list[str]:
+    """Which data made the experiment (``EXP/data.json``, recorded when the sweep started)."""
+    d = paths.read_json(experiment / paths.DATA_FILE)
+    if not d:
         return []
-    source, cohorts = manifest.get("source") or {}, (manifest.get("settings") or {}).get(
-        "cohorts") or {}
-    return [f"Data: shard set `{where}` from metadata `{source.get('metadata')}` "
-            f"(sha256 `{str(source.get('metadata_sha256'))[:16]}…`), split "
-            f"`{cohorts.get('split')}` with split seed {source.get('split_seed', cohorts.get('seed'))}"
-            f" (test fraction {cohorts.get('test_fraction')}, validation "
-            f"{cohorts.get('val_fraction')} of the training side).", ""]
+    c = d.get("cohorts") or {}
+    return [f"Data: shard set `{d.get('shards')}` ({d.get('size')}²) from metadata "
+            f"`{d.get('metadata')}` (sha256 `{str(d.get('metadata_sha256'))[:16]}…`); "
+            f"`{c.get('split')}` split with split seed {d.get('split_seed')}: test fraction "
+            f"{c.get('test_fraction')}, validation {c.get('val_fraction')} of the training "
+            "side.", ""]
 
 
 def _paired_section(paired: pd.DataFrame) -> list[str]:
@@ -623,7 +617,7 @@ def write_report(experiment: str | Path, *, target: float | str = "constant",
              "). The study had no validation split: its numbers, shown beside ours, are "
              "test-split numbers selected on test.", "",
              f"Target per cohort: {target_text}. Compute seconds are train + eval time of the "
-             "epochs up to the crossing.", "", *_provenance(experiment, runs)]
+             "epochs up to the crossing.", "", *_provenance(experiment)]
     stopped = [r for r in runs if r.trial.get("stop_at") is not None]
     if stopped:
         parts += [f"{len(stopped)} stage-2 trials were to stop once their validation accuracy "

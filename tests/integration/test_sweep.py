@@ -243,7 +243,7 @@ def test_report_has_every_trial_table_and_plot(experiment):
     text = experiment["report"].read_text()
     for heading in ("Table 5", "Table 7", "Table 8", "Best policy", "Where the time went",
                     "The study's question", "paired on the same test images",
-                    "Which split each number comes from", "sign test"):
+                    "Which split each number comes from", "sign test", "with split seed 0"):
         assert heading in text, heading
     paired = list(csv.DictReader((experiment["report"].parent / "paired.csv").open()))
     assert {(r["cohort"], r["policy"]) for r in paired} == {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,18 @@ def test_stop_at_is_a_number_or_stage1_plus_a_margin(tmp_path):
     (tmp_path / "lr_find" / spec.stage1_run).mkdir(parents=True)
     spec.train["shards"] = str(tmp_path)  # not opened here
     assert trial_config(spec, tmp_path).stop_at == pytest.approx(0.86)
+
+
+def test_the_experiment_records_its_data_and_refuses_other_data(tmp_path, local_shards):
+    recipe = config.parse_recipe({"experiment": {"name": "x", "shards": str(local_shards),
+                                                 "storage_path": str(tmp_path)}})
+    exp = recipe.experiment_dir
+    exp.mkdir(parents=True)
+    first = sweep.check_data(exp, recipe)
+    stored = json.loads((exp / "data.json").read_text())
+    assert stored == first and len(stored["metadata_sha256"]) == 64
+    assert stored["split_seed"] == 0 and stored["cohorts"]["val_fraction"] == 0.125
+    assert sweep.check_data(exp, recipe) == first  # a resume on the same data
+    (exp / "data.json").write_text(json.dumps({**stored, "split_seed": 3}))
+    with pytest.raises(UserError, match="other data \\(split_seed of .* differ"):
+        sweep.check_data(exp, recipe)
