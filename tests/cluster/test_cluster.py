@@ -114,7 +114,9 @@ def test_the_head_never_trains(prepared, recipe):
 
 def test_every_trial_of_the_cluster_recipe_trains_on_gpu_nodes(recipe):
     stage1, stage2, comparison = sweep.plan_trials(recipe)
-    assert len(stage1) == 15 and len(stage2) == 15 * len(recipe.grid["policy"]) and comparison
+    seeds = len(recipe.experiment.seed_list)
+    assert seeds == 3 and len(stage1) == 15 * seeds
+    assert len(stage2) == 15 * seeds * len(recipe.grid["policy"]) and comparison
     for spec in stage1 + stage2 + comparison:  # the LR range test reuses its stage-1 settings
         assert spec.train["gpu"] is True, spec.run_name
         assert spec.train["worker_resources"] == {"gpu_node": 0.01}, spec.run_name

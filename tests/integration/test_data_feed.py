@@ -49,8 +49,9 @@ def streamed(plan):
     """{(rank, epoch): the Ray Data train feed's batches} for a 2-rank run."""
     out = {}
     for rank in range(WORLD):
-        train_feed, test_feed = data_feed.feeds(plan, rank, WORLD)
-        assert train_feed.augmented and not test_feed.augmented
+        train_feed, evals = data_feed.feeds(plan, rank, WORLD)
+        assert train_feed.augmented and set(evals) == {"val", "test"}
+        assert not any(feed.augmented for feed in evals.values())
         for epoch in EPOCHS:
             out[rank, epoch] = list(train_feed.batches(BATCH, epoch))
     return out

@@ -283,7 +283,8 @@ def test_prepare_manifest_and_cohort_tables(prepared, tiny_synth):
         assert table["label"].tolist() == frame["label"].tolist()
         assert table["image_id"].tolist() == [decode.image_id(n) for n in frame["image_index"]]
         c = m["cohorts"][name]
-        assert (c["train"] + c["test"], c["positives"]) == (len(frame), int(frame["label"].sum()))
+        assert (c["train"] + c["val"] + c["test"], c["positives"]) == (
+            len(frame), int(frame["label"].sum()))
 
 
 @pytest.mark.slow
@@ -389,7 +390,7 @@ def test_bad_files_quarantined_or_converted_and_strict_fails(bad_data, tmp_path,
     for name in cohorts.COHORTS:  # quarantined images are in no cohort table
         table = pipeline.cohort_table(out, name)
         assert not set(table["image_index"]) & set(got)
-        assert m["cohorts"][name]["train"] + m["cohorts"][name]["test"] == len(table)
+        assert sum(m["cohorts"][name][s] for s in cohorts.SPLITS) == len(table)
 
     lenient = cli("prepare", "--data", str(data), "--out", str(out), "--size", str(SIZE),
                   address=ray_local)
