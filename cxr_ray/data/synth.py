@@ -51,7 +51,8 @@ GENERATOR_VERSION = 2
 #: Per-disease contrast range (fraction of full scale) of a finding's pattern; for
 #: Cardiomegaly the heart's enlargement (a normal heart is 0.88-1.12 × the mean size), for
 #: Emphysema the lungs' extra darkness (they also grow by 0.4 × it); Fibrosis also shrinks
-#: the lungs (by 0.08 × it) and makes them denser (0.3 × it).  Tuned with ``bench/learnability.py``.
+#: the lungs (by 0.08 × it) and makes them denser (0.3 × it).  Tuned with
+#: ``bench/learnability.py``.
 CONTRAST: dict[str, tuple[float, float]] = {
     "Atelectasis": (0.40, 0.80), "Cardiomegaly": (0.24, 0.50), "Consolidation": (0.22, 0.55),
     "Edema": (0.07, 0.20), "Emphysema": (0.06, 0.19), "Effusion": (0.17, 0.50),

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("learnability", ROOT / "bench" / "learnability.py")
+    spec = importlib.util.spec_from_file_location("learnability",
+                                                  ROOT / "bench" / "learnability.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -41,7 +42,8 @@ def test_every_cohort_learns_in_stage1_with_room_left(tmp_path):
     assert sorted((r["cohort"], r["seed"]) for r in result["results"]) == sorted(
         (c, s) for c in result["mean_selected_accuracy"] for s in (0, 1, 2))
     for r in result["results"]:  # the demo's stage 1: two ranks, the whole recipe's epochs
-        assert len(r["history"]) == epochs and all(h["workers"] == 2 for h in r["history"]), r["cohort"]
+        assert len(r["history"]) == epochs, r["cohort"]
+        assert all(h["workers"] == 2 for h in r["history"]), r["cohort"]
     means = result["mean_selected_accuracy"]
     table = result["table"]
     assert len(means) == 15, table
