@@ -24,8 +24,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cxr_ray.sweep import report
 from cxr_ray import paths
+from cxr_ray.sweep import results
 from cxr_ray.errors import UserError
 
 STAGES = paths.STAGES
@@ -64,10 +64,10 @@ def tune_states(stage_dir: Path) -> dict[str, dict[str, Any]]:
 def trial_status(spec: Any, experiment: Path, tune: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One planned trial (a :class:`cxr_ray.sweep.plan.TrialSpec`): state, epochs, last metrics."""
     run_dir = experiment / spec.stage / spec.run_name
-    plan = _read_json(run_dir / report.CONFIG_FILE) or {}
+    plan = _read_json(run_dir / paths.CONFIG_FILE) or {}
     history = _history(run_dir)
     last = history[-1] if history else {}
-    accuracy, best_epoch = report.best(history)  # validation: what selects
+    accuracy, best_epoch = results.best(history)  # validation: what selects
     at_best = next((r for r in history if r["epoch"] == best_epoch), {})
     row: dict[str, Any] = {
         "stage": spec.stage, "run": spec.run_name, "cohort": spec.cohort,
@@ -78,7 +78,7 @@ def trial_status(spec: Any, experiment: Path, tune: dict[str, dict[str, Any]]) -
         "best_accuracy": accuracy, "best_epoch": best_epoch,
         "best_test_accuracy": at_best.get("test_accuracy_at_threshold"), "note": None}
     tuned = tune.get(spec.run_name, {})
-    if (run_dir / report.TRIAL_FILE).is_file():
+    if (run_dir / paths.TRIAL_FILE).is_file():
         row["state"] = "finished"
     elif tuned.get("status") == "ERROR":
         row["state"], row["note"] = "failed", tuned.get("error")

@@ -31,8 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr_ray import cli
-from cxr_ray.sweep import report
+from cxr_ray import cli, paths
 from cxr_ray.data import synth
 
 pytestmark = pytest.mark.slow
@@ -286,7 +285,7 @@ def run(fake_cluster, shards, tmp_path_factory) -> dict:
     sweep.log_path = root / "sweep.log"
     c["procs"].append(sweep)
     # While it runs: once stage 1 is done, `cxr-ray status` reads the experiment directory.
-    _wait_for(lambda: (exp / "stage1" / "Effusion" / report.TRIAL_FILE).is_file(), 600,
+    _wait_for(lambda: (exp / "stage1" / "Effusion" / paths.TRIAL_FILE).is_file(), 600,
               "stage 1 to finish", sweep)
     status_running = _status_json(exp)
     try:

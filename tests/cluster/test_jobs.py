@@ -35,7 +35,6 @@ from pathlib import Path
 import pytest
 
 from cxr_ray import paths
-from cxr_ray.sweep import report
 from cxr_ray.data import synth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
@@ -256,7 +255,7 @@ def test_sweep_job_stops_cleanly_and_resumes(cluster, tiny_recipe):
         if job["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
             pytest.fail(f"sweep-1 ended {job['status']} before it could be stopped:\n"
                         f"{cluster.logs('sweep-1')[-4000:]}")
-        return any((exp / "stage2").glob(f"*/{report.TRIAL_FILE}"))
+        return any((exp / "stage2").glob(f"*/{paths.TRIAL_FILE}"))
     _poll(first_stage2_trial, 1200, "the first finished stage-2 trial",
           lambda: f":\n{cluster.logs('sweep-1')[-4000:]}")
 
@@ -279,10 +278,10 @@ def test_sweep_job_stops_cleanly_and_resumes(cluster, tiny_recipe):
     _poll(nothing_of_the_job_left, 180, "the stopped job's actors, placement groups and "
           "driver to go", lambda: f": {cluster.processes()}")
 
-    finished = {p.parent for p in exp.glob(f"*/*/{report.TRIAL_FILE}")}
+    finished = {p.parent for p in exp.glob(f"*/*/{paths.TRIAL_FILE}")}
     assert any(run.parent.name == "stage2" for run in finished)
     assert len(finished) < len(COHORTS) * (1 + len(POLICIES))  # stopped mid-sweep
-    before = {run: [(run / f).stat().st_mtime_ns for f in (report.TRIAL_FILE, paths.SUMMARY_FILE)]
+    before = {run: [(run / f).stat().st_mtime_ns for f in (paths.TRIAL_FILE, paths.SUMMARY_FILE)]
               for run in finished}
 
     resubmitted = time.time()
@@ -294,9 +293,9 @@ def test_sweep_job_stops_cleanly_and_resumes(cluster, tiny_recipe):
     assert (exp / "report" / "report.md").is_file()
     for cohort in COHORTS:
         for run in [exp / "stage1" / cohort] + [exp / "stage2" / f"{cohort}__{p}" for p in POLICIES]:
-            assert (run / report.TRIAL_FILE).is_file(), run
+            assert (run / paths.TRIAL_FILE).is_file(), run
     for run, stamps in before.items():  # finished trials were not trained again
-        now = [(run / f).stat().st_mtime_ns for f in (report.TRIAL_FILE, paths.SUMMARY_FILE)]
+        now = [(run / f).stat().st_mtime_ns for f in (paths.TRIAL_FILE, paths.SUMMARY_FILE)]
         assert now == stamps, run
         attempts = paths.read_jsonl(run / paths.ATTEMPTS_FILE)
         assert all(a["time"] < resubmitted for a in attempts), (run, attempts)

@@ -32,7 +32,7 @@ from cxr_ray.optim import schedules
 from cxr_ray.ray_backend import ingest
 from cxr_ray.ray_backend import tune as sweep_runner
 from cxr_ray.sweep import plan as sweep
-from cxr_ray.sweep import recipe as config, report
+from cxr_ray.sweep import recipe as config
 from cxr_ray.train import loop
 
 pytestmark = pytest.mark.slow
@@ -120,14 +120,14 @@ def experiment(tiny_recipe, ray_local) -> dict:
                 and 1 <= len(paths.read_jsonl(run / paths.HISTORY_FILE)) < 3]
 
     try:
-        _wait_for(lambda: any((exp / "stage2").glob(f"*/{report.TRIAL_FILE}")) and part_way(),
+        _wait_for(lambda: any((exp / "stage2").glob(f"*/{paths.TRIAL_FILE}")) and part_way(),
                   900, "a finished stage-2 trial and one part-way through", proc)
         interrupted = part_way()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and anything it started
         proc.wait()
     driver_log = proc.stdout.read()
-    finished = {p.parent for p in exp.glob(f"*/*/{report.TRIAL_FILE}")}
+    finished = {p.parent for p in exp.glob(f"*/*/{paths.TRIAL_FILE}")}
     before = {run: (run / paths.SUMMARY_FILE).stat().st_mtime_ns for run in finished}
     report_path = sweep_runner.run_sweep(config.load_recipe(tiny_recipe), resume=True,
                                          address=ray_local)
@@ -146,7 +146,7 @@ def test_every_trial_ran_exactly_once_across_the_kill(experiment):
     assert len(stage1) == 2 and len(stage2) == 4
     runs = [exp / s.stage / s.run_name for s in stage1 + stage2]
     for run in runs:
-        assert (run / report.TRIAL_FILE).is_file(), run
+        assert (run / paths.TRIAL_FILE).is_file(), run
         history = paths.read_jsonl(run / paths.HISTORY_FILE)
         assert [r["epoch"] for r in history] == [1, 2, 3][:len(history)], run
         assert len(history) == (2 if run.parent.name == "stage1" else 3), run

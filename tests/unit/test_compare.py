@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from cxr_ray import paths
-from cxr_ray.sweep import compare, report
+from cxr_ray.sweep import compare, report, results
 
 N_TEST, N_VAL = 400, 60
 
@@ -60,7 +60,7 @@ def test_the_validation_best_epoch_gives_the_headline_not_the_test_best(tmp_path
     rng = np.random.default_rng(0)
     # validation peaks at epoch 2; the test curve (1 - val) would pick epoch 1
     _run(tmp_path, "stage2", "Mass", "constant", 0, [0.6, 0.8, 0.7], 0.75, rng=rng)
-    res = report.results_table(report.find_runs(tmp_path))
+    res = results.results_table(results.find_runs(tmp_path))
     row = res.iloc[0]
     assert row["selected_epoch"] == 2 and row["best_val_accuracy"] == 0.8
     assert row["test_accuracy"] != pytest.approx(0.4)  # not the test-best epoch's number
@@ -87,7 +87,7 @@ def _experiment(root, seeds=1):
 
 def test_paired_comparison_finds_the_real_difference_and_not_the_null(tmp_path):
     _experiment(tmp_path)
-    res = report.results_table(report.find_runs(tmp_path))
+    res = results.results_table(results.find_runs(tmp_path))
     paired = compare.paired_against_constant(res).set_index(["cohort", "policy"])
     real = paired.loc[("Mass", "triangular")]
     assert real["diff"] == pytest.approx(0.2, abs=0.06) and real["ci_low"] > 0.1
@@ -112,7 +112,7 @@ def test_verdicts_tell_no_difference_from_too_few_images():
 
 def test_the_study_question_is_answered_in_one_sentence(tmp_path):
     _experiment(tmp_path)
-    table, sentence = compare.study_question(report.results_table(report.find_runs(tmp_path)))
+    table, sentence = compare.study_question(results.results_table(results.find_runs(tmp_path)))
     table = table.set_index("cohort")
     # Mass: triangular (best val 0.9) reaches constant's 0.8 at epoch 1, constant at 4
     assert table.loc["Mass", "chosen_policy"] == "triangular"
@@ -126,9 +126,9 @@ def test_the_study_question_is_answered_in_one_sentence(tmp_path):
 
 def test_seeds_pool_into_means_with_intervals_over_seeds(tmp_path):
     _experiment(tmp_path, seeds=3)
-    res = report.results_table(report.find_runs(tmp_path))
+    res = results.results_table(results.find_runs(tmp_path))
     assert len(res) == 15 and sorted(set(res["seed"])) == [0, 1, 2]
-    agg = report.over_seeds(res).set_index(["cohort", "policy"])
+    agg = results.over_seeds(res).set_index(["cohort", "policy"])
     assert len(agg) == 5 and (agg["seeds"] == 3).all()
     mass = agg.loc[("Mass", "triangular")]
     own = res[(res["cohort"] == "Mass") & (res["policy"] == "triangular")]["test_accuracy"]

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from cxr_ray.sweep import report
+from cxr_ray.sweep import report, results
 
 
 def _history(accs, seconds=10.0):
@@ -22,11 +22,11 @@ def _history(accs, seconds=10.0):
 
 def test_crossing_counts_epochs_and_compute_to_the_first_epoch_at_target():
     h = _history([0.6, 0.7, 0.79, 0.81, 0.78])
-    assert report.crossing(h, 0.79) == {"epochs": 3, "compute_seconds": 30.0, "wall_seconds": 35.0}
-    assert report.crossing(h, 0.81)["epochs"] == 4
-    assert report.crossing(h, 0.9) == {"epochs": None, "compute_seconds": None, "wall_seconds": None}
-    assert report.best(h) == (0.81, 4)
-    assert report.best([]) == (None, None)
+    assert results.crossing(h, 0.79) == {"epochs": 3, "compute_seconds": 30.0, "wall_seconds": 35.0}
+    assert results.crossing(h, 0.81)["epochs"] == 4
+    assert results.crossing(h, 0.9) == {"epochs": None, "compute_seconds": None, "wall_seconds": None}
+    assert results.best(h) == (0.81, 4)
+    assert results.best([]) == (None, None)
 
 
 def _write_run(root, stage, cohort, policy, accs):
@@ -48,8 +48,8 @@ def test_targets_from_the_constant_policy_and_the_ranking(tmp_path):
     _write_run(tmp_path, "stage2", "Fibrosis", "modified_triangular2", [0.7, 0.8, 0.85, 0.9])
     _write_run(tmp_path, "stage2", "Mass", "constant", [0.6, 0.7])
     _write_run(tmp_path, "stage2", "Mass", "triangular", [0.6, 0.65])
-    runs = report.find_runs(tmp_path)
-    res = report.results_table(runs, "constant").set_index(["stage", "cohort", "policy"])
+    runs = results.find_runs(tmp_path)
+    res = results.results_table(runs, "constant").set_index(["stage", "cohort", "policy"])
     fib = res.loc["stage2", "Fibrosis"]
     assert (fib["target_val_accuracy"] == 0.85).all()
     # the headline test number is the validation-best epoch's (epoch 4 of constant)
@@ -59,13 +59,13 @@ def test_targets_from_the_constant_policy_and_the_ranking(tmp_path):
     assert fib.loc["constant", "epochs_to_target"] == 4
     assert fib.loc["triangular", "compute_seconds_to_target"] == 20.0
     assert pd.isna(res.loc[("stage2", "Mass", "triangular"), "epochs_to_target"])
-    ranking = report.rank_policies(report.results_table(runs, "constant"))
+    ranking = results.rank_policies(results.results_table(runs, "constant"))
     assert ranking["policy"].tolist()[0] == "triangular"
     top = ranking.set_index("policy")
     assert top.loc["triangular", "best_in_cohorts"] == 1  # Fibrosis
     assert top.loc["constant", "best_in_cohorts"] == 1    # Mass: only constant reached 0.7
     # A fixed target works too.
-    fixed = report.results_table(runs, 0.8).set_index(["stage", "cohort", "policy"])
+    fixed = results.results_table(runs, 0.8).set_index(["stage", "cohort", "policy"])
     assert fixed.loc[("stage2", "Fibrosis", "constant"), "epochs_to_target"] == 3
 
 
