@@ -130,19 +130,28 @@ def concurrency(recipe: Recipe, train: dict[str, Any]) -> int:
 
 class _Progress(tune.Callback):
     """One line per finished or failed trial (a local Ray keeps the trials' logs in its
-    session directory)."""
+    session directory): its last validation accuracy and, when an earlier epoch did better,
+    that epoch's (what a ``val_accuracy`` checkpoint metric keeps)."""
 
     def __init__(self, stage: str, total: int) -> None:
         self.stage, self.total, self.done = stage, total, 0
         self.t0 = time.time()  # wall clock: a restored callback keeps it
+        self.best: dict[str, tuple[float, Any]] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        acc = result.get("val_accuracy")
+        if isinstance(acc, float) and acc >= self.best.get(trial.trial_id, (-1.0, None))[0]:
+            self.best[trial.trial_id] = (acc, result.get("epoch"))
 
     def _line(self, trial: Any, what: str) -> None:
         self.done += 1
         acc = (trial.last_result or {}).get("val_accuracy")
+        text = f": val accuracy {acc:.3f}" if isinstance(acc, float) else ""
+        best, epoch = self.best.get(trial.trial_id, (None, None))
+        if text and best is not None and best > acc:
+            text += f" (best {best:.3f}, epoch {epoch})"
         log.info("%s %d/%d %s %s%s (%.0f s)", self.stage, self.done, self.total, what,
-                 trial.config["spec"]["run_name"],
-                 f": val accuracy {acc:.3f}" if isinstance(acc, float) else "",
-                 time.time() - self.t0)
+                 trial.config["spec"]["run_name"], text, time.time() - self.t0)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._line(trial, "finished")

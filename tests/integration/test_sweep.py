@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -189,6 +190,16 @@ def test_the_driver_prints_cxr_ray_lines_not_tune_tables(experiment):
     log = experiment["driver_log"]
     assert "stage1: 2 trials" in log and "stage1 2/2 finished" in log, log[-3000:]
     assert "stage2 1/4 finished" in log, log[-3000:]
+    finished = re.findall(r"stage1 \d/2 finished (\S+): val accuracy (\d\.\d{3})"
+                          r"(?: \(best (\d\.\d{3}), epoch (\d+)\))?", log)
+    assert sorted(c for c, *_ in finished) == sorted(COHORTS), log[-3000:]
+    for cohort, last, best, epoch in finished:  # the last epoch's, and a better earlier one
+        history = paths.read_jsonl(experiment["dir"] / "stage1" / cohort / paths.HISTORY_FILE)
+        accs = [r["val_accuracy"] for r in history]
+        assert last == f"{accs[-1]:.3f}"
+        top = max(range(len(accs)), key=lambda i: (accs[i], i))
+        assert (best, epoch) == ((f"{accs[top]:.3f}", str(top + 1)) if accs[top] > accs[-1]
+                                 else ("", ""))
     for noise in ("tensorboard --logdir /tmp", "Trial status", "View detailed results",
                   "╭", "Current time:", "Logical resource usage"):
         assert noise not in log, noise
