@@ -191,52 +191,21 @@ def fit_one(job: tuple[dict[str, Any], int, str, str]) -> dict[str, Any]:
         config = TrainConfig.from_dict({**train, "seed": seed})
         summary = fit_in_process(config, storage_path=storage, name=name, resume=False)
     last = summary.history[-1]
+    chosen = next(r for r in summary.history if r["epoch"] == summary.selected_epoch)
     split = "val" if last.get("val_accuracy") is not None else "test"
     return {"cohort": config.cohort, "seed": seed, "split": split,
             "accuracy": last[f"{split}_accuracy"],
             "test_accuracy": last.get("test_accuracy"), "val_accuracy": last.get("val_accuracy"),
             "auc": last.get(f"{split}_auc"),
-            # What the demo's checkpoint_metric = "val_accuracy" selects: the best epoch
-            # (the later one on a tie); the report's stage-1 table shows its val accuracy.
-            "selected_accuracy": max(r[f"{split}_accuracy"] for r in summary.history),
-            "selected_epoch": max(range(len(summary.history)), key=lambda i: (
-                summary.history[i][f"{split}_accuracy"], i)) + 1,
+            # The epoch the run's checkpoint_metric selected: what stage 2 starts from and
+            # what the report's stage-1 table shows.
+            "selected_accuracy": chosen[f"{split}_accuracy"],
+            "selected_epoch": summary.selected_epoch,
             "train_images": summary.plan.get("train_images"),
             "test_images": summary.plan.get("test_images"),
             "val_images": summary.plan.get("val_images"),
             "fit_seconds": time.perf_counter() - t0,
             "history": summary.history}
-
-
-def drop_partial_batches() -> None:
-    """``--drop-partial``: what-if for the loop: every rank drops the final partial batch of an
-    epoch (``drop_last``) instead of training on it. A final batch of 2-4 images (per rank)
-    takes a BatchNorm step on 2-4 samples just before the epoch's evaluation, which can
-    shift every evaluation logit to one side (see README)."""
-    import numpy as np
-    import torch
-
-    from cxr_ray.train import config as train_config
-    from cxr_ray.train import feed as train_feed
-
-    def steps(train_images: int, workers: int, worker_batch: int) -> int:
-        return (train_images // workers) // worker_batch
-
-    def batches(self, batch_size: int, epoch: int = 0, *, pin_memory: bool = False):
-        idx = train_feed.rank_rows(len(self.ids), rank=self.rank, world=self.world,
-                                   seed=self.seed, epoch=epoch, shuffle=self.shuffle)
-        if self.shuffle:
-            idx = idx[:len(idx) - len(idx) % batch_size]
-        for start in range(0, len(idx), batch_size):
-            rows = idx[start:start + batch_size]
-            if not self.shuffle:
-                rows = np.sort(rows)
-            yield {"image": torch.from_numpy(self.images[rows]),
-                   "image_id": torch.from_numpy(self.ids[rows]),
-                   "label": torch.from_numpy(self.labels[rows])}
-
-    train_config.steps_per_epoch = steps
-    train_feed.ArrayFeed.batches = batches
 
 
 # --------------------------------------------------------------------------- report
@@ -305,8 +274,6 @@ def main(argv: list[str] | None = None) -> int:
                    "per rank and step), without Ray (default); 1: each fit in this process "
                    "(fit_in_process, the global batch on one rank)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (1)")
-    p.add_argument("--drop-partial", action="store_true",
-                   help="what-if: drop each epoch's final partial training batch (drop_last)")
     p.add_argument("--jobs", type=int, default=1, help="fits at once, in processes (1)")
     p.add_argument("--runs", default=None,
                    help="where the runs are written (default: a temporary directory)")
@@ -318,8 +285,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from cxr_ray.data.cohorts import COHORTS, resolve_cohort
 
-    if args.drop_partial:
-        drop_partial_batches()
     started = time.perf_counter()
     timings = make_data(args)
     cohorts = list(COHORTS) if args.cohorts == ["all"] else [resolve_cohort(c)
