@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np

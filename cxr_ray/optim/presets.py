@@ -18,10 +18,9 @@ from typing import NamedTuple
 
 from cxr_ray.data.cohorts import COHORTS, ONE_CLASS
 from cxr_ray.errors import UserError
-from cxr_ray.data.nih import DISEASES
 from cxr_ray.optim.schedules import PolicyConfig
 
-# DISEASES, ONE_CLASS and COHORTS (the 15 names) are cxr_ray.data.nih's and cxr_ray.data.cohorts', re-used.
+# ONE_CLASS and COHORTS (the 15 names) are cxr_ray.data.cohorts', re-used.
 
 
 def canonical_cohort(name: str) -> str:

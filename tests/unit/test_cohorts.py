@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from cxr_ray.data import cohorts, nih
-from cxr_ray.data.cohorts import COHORTS, CohortConfig, PAPER_NEGATIVES
+from cxr_ray.data.cohorts import CohortConfig, PAPER_NEGATIVES
 from cxr_ray.errors import UserError
 
 

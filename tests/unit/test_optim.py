@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cxr_ray.data.nih import DISEASES
 from cxr_ray.optim import presets, schedules
 from cxr_ray.errors import UserError
 from cxr_ray.optim.optimizers import build_optimizer
 from cxr_ray.optim.presets import (
     COHORTS,
-    DISEASES,
     TABLE3_BATCHES,
     TABLE8_CLR,
     batch_size,
