@@ -38,8 +38,7 @@ import pandas as pd
 
 from cxr_ray import paths
 from cxr_ray.optim import presets
-from cxr_ray.sweep.results import (LR_FIND_FILE, REPORT_DIR, STEPS_FILE, TRIAL_FILE, Run,
-                                   find_runs, over_seeds, rank_policies, results_table)
+from cxr_ray.sweep.results import Run, find_runs, over_seeds, rank_policies, results_table
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +219,11 @@ def _plots(runs: list[Run], finder: dict[str, dict[str, Any]], out: Path) -> dic
     seen: dict[str, Run] = {}
     for r in stage2:
         seen.setdefault(r.trial.get("policy"), r)
-    seen = {p: r for p, r in seen.items() if (r.path / STEPS_FILE).is_file()}
+    seen = {p: r for p, r in seen.items() if (r.path / paths.STEPS_FILE).is_file()}
     if seen:
         fig, ax = plt.subplots(figsize=(9, 4))
         for policy, r in seen.items():
-            frame = pd.read_csv(r.path / STEPS_FILE)
+            frame = pd.read_csv(r.path / paths.STEPS_FILE)
             ax.plot(frame["step"], frame["lr"], label=policy, lw=1.2)
         ax.set(xlabel="optimizer step", ylabel="learning rate",
                title="lr per step for each policy (stage 2)")
@@ -281,7 +280,7 @@ def _plots(runs: list[Run], finder: dict[str, dict[str, Any]], out: Path) -> dic
 def read_lr_finds(experiment: Path) -> dict[str, dict[str, Any]]:
     """LR range test results per cohort (``lr_find.json`` files with a ``cohort`` key)."""
     out = {}
-    for path in sorted(Path(experiment).rglob(LR_FIND_FILE)):
+    for path in sorted(Path(experiment).rglob(paths.LR_FIND_FILE)):
         data = json.loads(path.read_text())
         cohort = data.get("cohort") or path.parent.name
         out[cohort] = data
@@ -355,9 +354,9 @@ def write_report(experiment: str | Path, *, target: float | str = "constant",
     experiment = Path(experiment)
     runs = find_runs(experiment)
     if not runs:
-        raise UserError(f"{experiment}: no trials found (no {TRIAL_FILE} below it); pass the "
+        raise UserError(f"{experiment}: no trials found (no {paths.TRIAL_FILE} below it); pass the "
                         "experiment directory a sweep wrote")
-    out = experiment / REPORT_DIR
+    out = experiment / paths.REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     res = results_table(runs, target)
     res.to_csv(out / "results.csv", index=False)

@@ -13,7 +13,6 @@ line per epoch). pandas only: no Ray.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,6 @@ import pandas as pd
 
 from cxr_ray import paths
 
-log = logging.getLogger(__name__)
-
-TRIAL_FILE, HISTORY_FILE, CONFIG_FILE, STEPS_FILE = (
-    paths.TRIAL_FILE, paths.HISTORY_FILE, paths.CONFIG_FILE, paths.STEPS_FILE)
-LR_FIND_FILE = paths.LR_FIND_FILE
-REPORT_DIR = paths.REPORT_DIR
 #: What selects, targets and ranks: validation accuracy (test is reported, never chosen on).
 METRIC = "val_accuracy"
 
@@ -105,14 +98,14 @@ class Run:
 def find_runs(experiment: Path) -> list[Run]:
     """Every run under ``experiment`` that has a ``trial.json``, in a stable order."""
     runs = []
-    for trial_file in sorted(Path(experiment).rglob(TRIAL_FILE)):
+    for trial_file in sorted(Path(experiment).rglob(paths.TRIAL_FILE)):
         folder = trial_file.parent
-        plan_file = folder / CONFIG_FILE
+        plan_file = folder / paths.CONFIG_FILE
         runs.append(Run(
             path=folder,
             trial=json.loads(trial_file.read_text()),
             plan=json.loads(plan_file.read_text()) if plan_file.is_file() else {},
-            history=paths.read_jsonl(folder / HISTORY_FILE),
+            history=paths.read_jsonl(folder / paths.HISTORY_FILE),
         ))
     return runs
 
@@ -153,7 +146,7 @@ def selected(r: Run) -> dict[str, Any]:
 
 def results_table(runs: list[Run], target: float | str = "constant",
                   intervals: bool = True) -> pd.DataFrame:
-    """One row per trial (see the module docstring for the columns)."""
+    """One row per trial (the columns: :mod:`cxr_ray.sweep.report`'s docstring, ``results.csv``)."""
     from cxr_ray.sweep import compare
 
     targets = _targets(runs, target)
