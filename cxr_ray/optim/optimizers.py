@@ -55,6 +55,14 @@ def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], name:
     return optimizer_from_config(params, cfg)
 
 
+def momentum_of(cfg: OptimizerConfig) -> float:
+    """The momentum the optimizer runs with: SGD/RMSprop momentum or Adam's beta1, defaults
+    resolved."""
+    if cfg.momentum is not None:
+        return float(cfg.momentum)
+    return {"sgd": TABLE4_MOMENTUM, "adam": 0.9}.get(cfg.name, 0.0)
+
+
 def optimizer_from_config(params: Iterable[torch.nn.Parameter] | Iterable[dict],
                           cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """Build the torch optimizer an :class:`OptimizerConfig` describes."""
@@ -63,13 +71,11 @@ def optimizer_from_config(params: Iterable[torch.nn.Parameter] | Iterable[dict],
     if not cfg.lr > 0:
         raise UserError(f"optimizer lr must be > 0, got {cfg.lr}")
     if cfg.name == "sgd":
-        m = TABLE4_MOMENTUM if cfg.momentum is None else cfg.momentum
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=m, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=momentum_of(cfg),
+                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     if cfg.name == "adam":
-        b1 = 0.9 if cfg.momentum is None else cfg.momentum
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(b1, cfg.beta2), eps=cfg.eps,
-                                weight_decay=cfg.weight_decay)
-    m = 0.0 if cfg.momentum is None else cfg.momentum
-    return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rho, eps=cfg.eps, momentum=m,
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(momentum_of(cfg), cfg.beta2),
+                                eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rho, eps=cfg.eps,
+                               momentum=momentum_of(cfg),
                                weight_decay=cfg.weight_decay)
