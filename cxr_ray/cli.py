@@ -330,6 +330,20 @@ def _add_lr_find(sub: argparse._SubParsersAction) -> None:
                    help="steps of the ramp (default: --epochs epochs' worth, at least 50)")
     p.add_argument("--rule", default="paper", choices=["paper", "steepest", "valley"],
                    help="suggestion rule: paper (min loss; base = max/4), steepest, valley")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="ramps from the same start, each with its own batch order; the bounds "
+                   "are the median, with their spread (default 1)")
+    p.add_argument("--loss", default="train", choices=["train", "val"],
+                   help="train: each step's training batch; val: fixed validation batches "
+                   "after each step (default train)")
+    p.add_argument("--window", type=float, default=0.04,
+                   help="smoothing window as a fraction of the ramp (default 0.04)")
+    p.add_argument("--fallback", default="measured",
+                   choices=["measured", "stage1", "paper", "error"],
+                   help="bounds when the curve is flat, has no turn or the repeats disagree: "
+                   "measured (keep them, flagged; default), stage1 (the --init-from run's lr "
+                   "x [1/4, 1]), paper (the study's Table 8 where the model and resolution are "
+                   "the study's) or error")
     p.set_defaults(func=_cmd_lr_find)
 
 
@@ -342,8 +356,16 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
         plan = plan_run(config)
         steps = max(50, config.epochs * plan.steps_per_epoch if "epochs" in vars(args)
                     else plan.steps_per_epoch)
+    trained_lr = None
+    if config.init_from:  # the stage1 fallback: the lr the start model was trained with
+        from cxr_ray import paths
+
+        summary = paths.read_json(Path(config.init_from) / paths.SUMMARY_FILE) or {}
+        trained_lr = ((summary.get("plan") or {}).get("policy") or {}).get("base_lr")
     spec = LrFindSpec(out=str(args.out.expanduser().resolve()), settings={
-        "min_lr": args.start_lr, "max_lr": args.end_lr, "num_steps": steps, "rule": args.rule})
+        "min_lr": args.start_lr, "max_lr": args.end_lr, "num_steps": steps, "rule": args.rule,
+        "repeats": args.repeats, "loss": args.loss, "window": args.window,
+        "fallback": args.fallback}, trained_lr=trained_lr)
     if config.launcher == "process":
         result = lr_find_in_process(config, spec)
     else:
@@ -351,6 +373,7 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
 
         result = train_launcher.lr_find(config, spec)
     print(json.dumps({k: result[k] for k in ("base_lr", "max_lr", "rule", "suggestions",
+                                             "spread", "problems", "warnings", "bounds_source",
                                              "stop_reason")}, indent=2))
     print(f"curve: {args.out / 'lr_find.png'}; bounds for cxr-ray train: "
           f"--lr-bounds {args.out / 'lr_find.json'}")

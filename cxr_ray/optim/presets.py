@@ -179,6 +179,9 @@ class ClrRow:
 
 
 #: Table 8 settings with Table 7's accuracies.
+#: The study's training resolution (MobileNetV1's 224² input): Table 8's bounds hold there.
+STUDY_IMAGE_SIZE = 224
+
 TABLE8_CLR: dict[str, ClrRow] = {
     "Atelectasis": ClrRow("triangular", 2, 32, 0.1, 0.025, 75.10, 10, 79.59),
     "Infiltration": ClrRow("modified_triangular2", 2, 10, 0.02, 0.005, 64.6, 10, 76.15),

@@ -26,6 +26,8 @@ directory must be storage every node sees, like the shard set.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import tempfile
 import time
@@ -174,7 +176,7 @@ def lr_find(config: TrainConfig, spec: LrFindSpec) -> dict[str, Any]:
     fixed = runs.lr_find_config(config)
     out = Path(spec.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    spec = LrFindSpec(out=str(out), settings=spec.settings)
+    spec = dataclasses.replace(spec, out=str(out))
     (out / paths.LR_FIND_FILE).unlink(missing_ok=True)
     plan = runs.plan_run(fixed, "")  # no run directory: the test leaves no run behind
     plan.epochs = 0

@@ -132,7 +132,8 @@ def run_rank(plan: RunPlan, ctx: loop.RankContext, train_feed: Feed,
         return
     start = start_checkpoint(plan, state.history, checkpoint_metric,
                              SCORE_METRICS[checkpoint_metric])
-    range_test(plan, ctx, model, train_feed, lr_find, start=start)
+    range_test(plan, ctx, model, train_feed, lr_find, start=start,
+               val_feed=eval_feeds.get("val"))
 
 
 def finish_run(config: TrainConfig, plan: RunPlan, run_dir: Path, done: int, *, t0: float,
@@ -244,7 +245,7 @@ def lr_find_in_process(config: TrainConfig, spec: LrFindSpec) -> dict[str, Any]:
                            launcher="process", prepare_model=lambda m: m.to(ctx.device),
                            last_checkpoint=lambda: None, save=lambda m, c: None)
     model, _, _ = loop.setup(plan, ctx)
-    train_feed, _ = array_feeds(plan)
+    train_feed, eval_feeds = array_feeds(plan)
     Path(spec.out).mkdir(parents=True, exist_ok=True)
-    range_test(plan, ctx, model, train_feed, spec)
+    range_test(plan, ctx, model, train_feed, spec, val_feed=eval_feeds.get("val"))
     return paths.read_json(Path(spec.out) / paths.LR_FIND_FILE)

@@ -445,6 +445,50 @@ def test_lr_find_in_process_from_a_checkpoint(run, local_shards, tmp_path):
     assert sorted(str(p.relative_to(run["dir"])) for p in run["dir"].rglob("*")) == listing
 
 
+def test_lr_find_repeats_in_val_mode_and_falls_back_to_the_stage1_lr(run, local_shards,
+                                                                     tmp_path):
+    """repeats = 2 in the val loss mode: two curves with their own batch order, measured on
+    held-out batches after each step; a curve that cannot be read hands on the lr the start
+    model was trained with x [1/4, 1], and says so; ``error`` refuses instead."""
+    run_dir = Path(run["second"].best_checkpoint)
+    config = _config(local_shards, optimizer="sgd", init_from=str(run_dir))
+    settings = {"min_lr": 1e-5, "max_lr": 1.0, "num_steps": 12, "repeats": 2, "loss": "val",
+                "val_batches": 2}
+    out = tmp_path / "val"
+    data = lr_find_in_process(config, LrFindSpec(out=str(out), settings=settings))
+    assert len(data["curves"]) == 2 and [c["repeat"] for c in data["curves"]] == [0, 1]
+    assert data["config"]["loss"] == "val" and data["config"]["repeats"] == 2
+    lo, hi = data["spread"]["paper"]
+    assert lo <= data["measured_max_lr"] <= hi
+    # held-out batches: both repeats measure the same images after one step of lr 1e-5 from
+    # the same start (only BatchNorm's running statistics moved, by one different batch):
+    # closer than the two repeats' first training batches are to each other
+    first = [c["losses"][0] for c in data["curves"]]
+    train = lr_find_in_process(config, LrFindSpec(out=str(tmp_path / "train"), settings={
+        **settings, "loss": "train"}))
+    batches = [c["losses"][0] for c in train["curves"]]
+    assert abs(first[0] - first[1]) < abs(batches[0] - batches[1])
+
+    # the fallbacks, on a ramp too short to turn (12 steps up to 1e-4: the loss still falls
+    # or stays flat)
+    flat = {**settings, "loss": "train", "max_lr": 1e-4, "fallback": "stage1"}
+    data = lr_find_in_process(config, LrFindSpec(out=str(tmp_path / "fb"), settings=flat,
+                                                 trained_lr=0.02))
+    assert data["problems"] and not data["trusted"]
+    assert data["max_lr"] == 0.02 and data["base_lr"] == pytest.approx(0.005)
+    assert data["bounds_source"].startswith("fallback: the stage-1 lr 0.02 × [0.25, 1] (")
+    with pytest.raises(UserError, match=r"LR range test of .*: .*; set \[lr_find\] fallback"):
+        lr_find_in_process(config, LrFindSpec(out=str(tmp_path / "err"), settings={
+            **flat, "fallback": "error"}))
+    paper = lr_find_in_process(config, LrFindSpec(out=str(tmp_path / "paper"), settings={
+        **flat, "fallback": "paper"}, trained_lr=0.02))  # a tiny model: not the study's
+    assert paper["max_lr"] == 0.02 and "; not Table 8: " in paper["bounds_source"]
+    kept = lr_find_in_process(config, LrFindSpec(out=str(tmp_path / "kept"), settings={
+        **flat, "fallback": "measured"}))
+    assert kept["max_lr"] == kept["measured_max_lr"]
+    assert kept["bounds_source"].startswith("lr_find (untrusted, kept")
+
+
 # --------------------------------------------------------------------------- stop at a target
 def test_a_run_stops_at_its_target_and_a_rerun_trains_no_more(local_shards, tmp_path):
     config = _config(local_shards, **{**RUN, "epochs": 3, "stop_at": 0.01})  # reached at once
