@@ -338,7 +338,7 @@ def plan_run(config: TrainConfig, run_dir: str | Path = "") -> RunPlan:
         name=c.optimizer or (stage1.optimizer if paper else "sgd"),
         lr=1.0,  # replaced by the policy's lr of step 0
         momentum=c.momentum if c.momentum is not None else presets.TABLE4_MOMENTUM)
-    policy = _resolve_policy(c, paper, stage1, spe)
+    policy = _resolve_policy(c, paper, stage1, spe, batch, opt.name)
     init = resolve_init_checkpoint(c.init_from, c) if c.init_from else None
     model_cfg = {"name": c.model, "width": c.width, "in_chans": 1, "dropout": c.dropout,
                  "weights": None if init else c.weights,
@@ -357,13 +357,17 @@ def plan_run(config: TrainConfig, run_dir: str | Path = "") -> RunPlan:
 
 
 def _resolve_policy(c: TrainConfig, paper: bool, stage1: presets.Stage1Recipe,
-                    spe: int) -> schedules.PolicyConfig:
+                    spe: int, batch: int, optimizer: str) -> schedules.PolicyConfig:
     name = c.policy or ("time_decay" if paper else "constant")
     base, top = c.base_lr, c.max_lr
     if c.lr_bounds:
         bounds = read_lr_bounds(c.lr_bounds)
-        base = base if base is not None else bounds["base_lr"]
-        top = top if top is not None else bounds["max_lr"]
+        scale = batch_scale(bounds.get("batch_size"), batch, optimizer)
+        if scale != 1.0:
+            log.info("lr bounds of %s found at batch %d, this run's batch is %d (%s): x %.3g",
+                     c.lr_bounds, bounds["batch_size"], batch, optimizer, scale)
+        base = base if base is not None else bounds["base_lr"] * scale
+        top = top if top is not None else bounds["max_lr"] * scale
     row = presets.TABLE8_CLR.get(c.cohort) or (presets.ONE_CLASS_CLR if c.cohort == "OneClass"
                                                else None)
     step_epochs = c.step_size_epochs or (row.step_size_epochs if paper and row else 2.0)
@@ -406,11 +410,29 @@ def cpu_split(config: TrainConfig, workers: int, gpu: bool, total: float) -> tup
     return cpus, max(1, int(cpus))
 
 
+#: How bounds found at one batch size carry to another, per optimizer: ``lr ∝ (B'/B)**power``.
+#: SGD: linear (Goyal et al. 2017: the noise scale of SGD is lr / B); Adam and RMSprop:
+#: square root (their update is normalised by the gradient's scale; the square-root rule of
+#: Hoffer et al. 2017 / Malladi et al. 2022 keeps the update's noise the same).
+BATCH_SCALING = {"sgd": 1.0, "adam": 0.5, "rmsprop": 0.5}
+
+
+def batch_scale(found_at: int | None, batch: int, optimizer: str) -> float:
+    """Factor for lr bounds found at global batch ``found_at`` used at ``batch``
+    (:data:`BATCH_SCALING`); 1 when the batch is the same or unknown."""
+    if not found_at or found_at == batch:
+        return 1.0
+    return (batch / found_at) ** BATCH_SCALING.get(optimizer, 1.0)
+
+
 def read_lr_bounds(path: str | Path) -> dict[str, float]:
-    """``{"base_lr", "max_lr"}`` from an lr-find JSON (or any JSON with those two keys)."""
+    """``{"base_lr", "max_lr"}`` from an lr-find JSON (or any JSON with those two keys), and
+    ``batch_size`` (the global batch the test ran at) when it says."""
     try:
         data = json.loads(Path(path).read_text())
         bounds = {k: float(data[k]) for k in ("base_lr", "max_lr")}
+        if data.get("batch_size"):
+            bounds["batch_size"] = int(data["batch_size"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"--lr-bounds {path}: not a JSON file with numeric base_lr and max_lr "
                         f"({type(exc).__name__}: {exc}); use lr_find.json from cxr-ray lr-find"

@@ -343,3 +343,26 @@ def test_trainer_plans_them_from_the_lr_range_test(local_shards, tmp_path):
 
     with pytest.raises(UserError, match="policy sgdr needs --base-lr and --max-lr"):
         plan_run(TrainConfig(policy="sgdr", **{**common, "lr_bounds": None, "preset": "none"}))
+
+
+def test_bounds_found_at_another_batch_size_are_rescaled_per_optimizer(local_shards, tmp_path):
+    """lr_find.json says the global batch it ran at; a run at another batch scales the bounds
+    linearly for SGD and by the square root for Adam and RMSprop."""
+    from cxr_ray.train import TrainConfig, plan_run
+    from cxr_ray.train.config import batch_scale
+
+    bounds = tmp_path / "lr_find.json"
+    bounds.write_text(json.dumps({"base_lr": 0.01, "max_lr": 0.04, "batch_size": 8}))
+    common = dict(shards=str(local_shards), cohort="Cardiomegaly", model="mobilenet_v1",
+                  width=0.25, pretrained=False, threads=1, policy="triangular",
+                  lr_bounds=str(bounds), step_size_epochs=1, epochs=2, preset="none")
+    same = plan_run(TrainConfig(batch_size=8, optimizer="sgd", **common)).policy
+    assert (same["base_lr"], same["max_lr"]) == (0.01, 0.04)
+    sgd = plan_run(TrainConfig(batch_size=16, optimizer="sgd", **common)).policy
+    assert (sgd["base_lr"], sgd["max_lr"]) == pytest.approx((0.02, 0.08))
+    adam = plan_run(TrainConfig(batch_size=32, optimizer="adam", **common)).policy
+    assert (adam["base_lr"], adam["max_lr"]) == pytest.approx((0.02, 0.08))  # sqrt(4) = 2
+    assert batch_scale(None, 32, "sgd") == 1.0 and batch_scale(16, 4, "rmsprop") == 0.5
+    explicit = plan_run(TrainConfig(batch_size=16, optimizer="sgd", **{**common,
+                                                                        "max_lr": 0.05})).policy
+    assert explicit["max_lr"] == 0.05 and explicit["base_lr"] == pytest.approx(0.02)
