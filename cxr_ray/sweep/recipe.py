@@ -77,9 +77,26 @@ class LrFindSection:
     max_lr: float = 1.0
     """End of the ramp."""
     num_steps: int = 100
-    """Optimizer steps of the ramp (over as many epochs as that takes)."""
+    """Optimizer steps of the ramp (over as many epochs as that takes). With momentum β, at
+    least 20/ln(1/β) (190 for 0.9), or the test reads the first overshoot (a warning says so)."""
     rule: str = "paper"
     """Suggestion rule: ``paper`` (lr at minimum loss, base = max/4), ``steepest``, ``valley``."""
+    repeats: int = 1
+    """Ramps from the same start with their own batch order: the bounds are the median, their
+    spread is reported, and repeats disagreeing by more than ``spread_tolerance`` fall back."""
+    loss: str = "train"
+    """``train`` (each step's training batch) or ``val`` (fixed validation batches after
+    each step)."""
+    window: float = 0.04
+    """Smoothing, as a fraction of the ramp (see cxr_ray.optim.lr_finder)."""
+    min_descent: float = 0.05
+    """A curve whose smoothed loss falls less than this fraction is flat: fall back."""
+    spread_tolerance: float = 3.0
+    """Repeats whose max_lr differ by more than this factor disagree: fall back."""
+    fallback: str = "stage1"
+    """Bounds when the curve has a problem: ``stage1`` (the cohort's stage-1 lr × [1/4, 1]),
+    ``paper`` (Table 8 where the model and resolution are the study's, else ``stage1``),
+    ``measured`` (keep the measured ones, flagged in the report) or ``error``."""
 
 
 @dataclass
@@ -314,6 +331,11 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
                         f"{', '.join(lr_finder.RULES)}")
     if not (0 < lr.min_lr < lr.max_lr) or lr.num_steps < 5:
         raise UserError(f"{where('lr_find')}: need 0 < min_lr < max_lr and num_steps >= 5")
+    try:
+        lr_finder.LrRangeConfig(**{k: v for k, v in dataclasses.asdict(lr).items()
+                                   if k != "enabled"}).validate()
+    except (UserError, TypeError) as exc:
+        raise UserError(f"{where('lr_find')}: {exc}") from None
     if extra.bounds == "lr_find" and not lr.enabled:
         raise UserError(f"{where('stage2')} bounds = 'lr_find' needs [lr_find] enabled = true")
 

@@ -38,6 +38,7 @@ import pandas as pd
 
 from cxr_ray import paths
 from cxr_ray.optim import presets
+from cxr_ray.optim.lr_finder import LrRangeResult
 from cxr_ray.sweep.results import Run, find_runs, over_seeds, rank_policies, results_table
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,25 @@ def _table7(agg: pd.DataFrame) -> str:
                rows)
 
 
+def _finder_cell(f: dict[str, Any]) -> str:
+    """An LR range test's measured max_lr with its spread over the repeats, and the bounds it
+    handed on when a fallback replaced them."""
+    if not f:
+        return "–"
+    rule = f.get("rule", "paper")
+    measured = f.get("measured_max_lr", f.get("max_lr"))
+    cell = _num(measured, "{:.3g}")
+    spread = (f.get("spread") or {}).get(rule)
+    repeats = len(f.get("curves") or []) or 1
+    if spread and repeats > 1:
+        cell += f" ({_num(spread[0], '{:.3g}')}–{_num(spread[1], '{:.3g}')}, {repeats} repeats)"
+    source = f.get("bounds_source", "lr_find")
+    if source != "lr_find":
+        cell += (f"; handed on {_num(f.get('max_lr'), '{:.3g}')} / "
+                 f"{_num(f.get('base_lr'), '{:.3g}')}: {source}")
+    return cell
+
+
 def _table8(res: pd.DataFrame, finder: dict[str, dict[str, Any]]) -> str:
     s2 = res[(res["stage"] == "stage2") & res["max_lr"].notna()]
     rows = []
@@ -121,14 +141,27 @@ def _table8(res: pd.DataFrame, finder: dict[str, dict[str, Any]]) -> str:
         paper = presets.TABLE8_CLR.get(r["cohort"])
         rows.append([r["cohort"], r["policy"], _num(r["step_size_epochs"]), r["epochs"],
                      _num(r["max_lr"], "{:.3g}"), _num(r["base_lr"], "{:.3g}"),
-                     r["lr_source"] or "–",
-                     (f"{_num(f.get('max_lr'), '{:.3g}')} / {_num(f.get('base_lr'), '{:.3g}')}"
-                      if f else "–"),
+                     r["lr_source"] or "–", _finder_cell(f),
                      (f"{paper.policy}, {paper.step_size_epochs}, {paper.epochs}, {paper.max_lr},"
                       f" {paper.base_lr}") if paper else "–"])
     return _md(["cohort", "policy", "step size (epochs)", "epochs", "max_lr", "base_lr",
-                "bounds from", "LR finder max / base", "study (policy, step, epochs, max, base)"],
-               rows)
+                "bounds from", "LR range test max_lr (spread)",
+                "study (policy, step, epochs, max, base)"], rows)
+
+
+def _finder_summary(finder: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per LR range test the sweep did not take as measured, and the warnings."""
+    lines = []
+    for cohort, f in sorted(finder.items()):
+        source = f.get("bounds_source", "lr_find")
+        if source != "lr_find":
+            lines.append(f"- {cohort}: {source}")
+        for w in f.get("warnings") or []:
+            lines.append(f"- {cohort}: {w}")
+    if not lines:
+        return []
+    return ["LR range tests whose bounds were not taken as measured, and warnings:", "",
+            *lines, ""]
 
 
 def _epochs_to_target(res: pd.DataFrame) -> str:
@@ -232,22 +265,12 @@ def _plots(runs: list[Run], finder: dict[str, dict[str, Any]], out: Path) -> dic
         fig.savefig(out / "lr_policies.png", dpi=110)
         plt.close(fig)
         made["lr"].append("lr_policies.png")
-    # LR range test curves.
+    # LR range test curves: every repeat, the suggestions, the bounds handed on.
     for cohort, f in finder.items():
-        if not f.get("lrs"):
+        if not f.get("curves"):
             continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(f["lrs"], f.get("smoothed") or f["losses"], label="smoothed loss")
-        for key, style in (("max_lr", "--"), ("base_lr", ":")):
-            if f.get(key):
-                ax.axvline(f[key], ls=style, color="k", label=f"{key} {f[key]:.3g}")
-        ax.set(xscale="log", xlabel="learning rate", ylabel="loss",
-               title=f"LR range test: {cohort}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
         name = f"lr_find_{cohort}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
+        LrRangeResult.from_dict(f).plot(out / name, title=f"LR range test: {cohort}")
         made["lr_find"].append(name)
     # Validation accuracy, test accuracy and validation loss vs epoch, every policy of a
     # cohort (the first seed's trials).
@@ -429,7 +452,8 @@ def write_report(experiment: str | Path, *, target: float | str = "constant",
     parts += ["## Stage 1 per cohort (the study's Table 5)", "", _table5(agg), ""]
     if not ranking.empty:
         parts += ["## Before / after CLR (the study's Table 7)", "", _table7(agg), "",
-                  "## CLR parameters used (the study's Table 8)", "", _table8(agg, finder), ""]
+                  "## CLR parameters used (the study's Table 8)", "", _table8(agg, finder), "",
+                  *_finder_summary(finder)]
     backbones = _backbones(agg)
     if backbones:
         parts += ["## Backbone × optimizer (the study's Table 6)", "", backbones, ""]

@@ -67,6 +67,7 @@ workers = 2              # 2-rank DDP under Ray Train, as in the demo
 
 [lr_find]
 num_steps = 12
+repeats = 2              # the median of two batch orders, with their spread
 min_lr = 1e-5
 max_lr = 1.0
 
@@ -163,6 +164,16 @@ def test_every_trial_ran_exactly_once_across_the_kill(experiment):
         assert data["cohort"] == cohort and 0 < data["base_lr"] < data["max_lr"]
         assert Path(data["start_checkpoint"]).parent.parent == exp / "stage1" / cohort
         assert data["workers"] == 2  # the loss averaged over both DDP ranks
+        assert len(data["curves"]) == 2  # repeats: two batch orders from the same start
+        lo, hi = data["spread"]["paper"]
+        assert lo <= data["measured_max_lr"] <= hi
+        if data["bounds_source"] == "lr_find":
+            assert data["trusted"] and data["max_lr"] == data["measured_max_lr"]
+        else:  # the recipe's default fallback: the stage-1 lr x [1/4, 1], and why
+            stage1_lr = json.loads((exp / "stage1" / cohort / paths.CONFIG_FILE).read_text()
+                                   )["policy"]["base_lr"]
+            assert data["problems"] and data["max_lr"] == pytest.approx(stage1_lr)
+            assert data["bounds_source"].startswith("fallback: the stage-1 lr")
         attempts = paths.read_jsonl(exp / "stage1" / cohort / paths.ATTEMPTS_FILE)
         assert [a["launcher"] for a in attempts] == ["ray_train"]
     trials = [json.loads((r / paths.TRIAL_FILE).read_text()) for r in runs]
@@ -256,6 +267,7 @@ def test_report_has_every_trial_table_and_plot(experiment):
                     "The study's question", "paired on the same test images",
                     "Which split each number comes from", "sign test", "with split seed 0"):
         assert heading in text, heading
+    assert "LR range test max_lr (spread)" in text and "2 repeats)" in text  # Table 8
     paired = list(csv.DictReader((experiment["report"].parent / "paired.csv").open()))
     assert {(r["cohort"], r["policy"]) for r in paired} == {
         (c, p) for c in COHORTS for p in POLICIES if p != "constant"}
