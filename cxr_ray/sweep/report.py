@@ -150,14 +150,19 @@ def _table8(res: pd.DataFrame, finder: dict[str, dict[str, Any]]) -> str:
 
 
 def _finder_summary(finder: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per LR range test the sweep did not take as measured, and the warnings."""
+    """One line per LR range test the sweep did not take as measured; each distinct warning
+    once, with the cohorts it concerns."""
     lines = []
+    warned: dict[str, list[str]] = {}
     for cohort, f in sorted(finder.items()):
         source = f.get("bounds_source", "lr_find")
         if source != "lr_find":
             lines.append(f"- {cohort}: {source}")
         for w in f.get("warnings") or []:
-            lines.append(f"- {cohort}: {w}")
+            warned.setdefault(w, []).append(cohort)
+    for w, cohorts in warned.items():
+        who = "every cohort" if len(cohorts) == len(finder) > 1 else ", ".join(cohorts)
+        lines.append(f"- {who}: {w}")
     if not lines:
         return []
     return ["LR range tests whose bounds were not taken as measured, and warnings:", "",
