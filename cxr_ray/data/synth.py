@@ -2,7 +2,8 @@
 
 No ChestX-ray14 pixels ship anywhere we can reach, so ``cxr-ray synth`` writes a data
 set in the NIH layout (``images/<Image Index>.png``, ``Data_Entry_2017.csv``,
-``train_val_list.txt``/``test_list.txt``) whose metadata rows are real (sampled from
+``train_val_list.txt``/``test_list.txt``, and ``BBox_List_2017.csv``: where each reported
+finding was drawn, one box per shape) whose metadata rows are real (sampled from
 the real table: labels, patients and views are genuine) and whose images are drawn:
 
 * a chest-like base with per-patient anatomy: body, two lung fields with rib shadows
@@ -106,13 +107,29 @@ class _Canvas:
     def __init__(self, size: int):
         self.size = size
         self.img = np.zeros((size, size), dtype=np.float32)
+        self.boxes: list[tuple[str, float, float, float, float]] = []
 
-    def ellipse(self, cx, cy, rx, ry, value, edge=0.15, angle=0.0, texture=None, out=None):
+    def box(self, label: str, x0: float, y0: float, x1: float, y1: float) -> None:
+        """Record where a finding was drawn: normalised corners → pixels ``(x, y, w, h)``,
+        clipped to the image."""
+        s = self.size
+        x0, y0 = max(0.0, x0) * s, max(0.0, y0) * s
+        x1, y1 = min(1.0, x1) * s, min(1.0, y1) * s
+        if x1 > x0 and y1 > y0:
+            self.boxes.append((label, x0, y0, x1 - x0, y1 - y0))
+
+    def ellipse(self, cx, cy, rx, ry, value, edge=0.15, angle=0.0, texture=None, out=None,
+                box=None):
         """Add ``value`` inside a soft-edged (``edge`` = fraction of radius) rotated ellipse.
 
         Only the bounding window is computed, so small shapes are cheap at 1024².
-        Returns the window's mask for callers that need it.
+        Returns the window's mask for callers that need it. ``box``: a finding label under
+        which the ellipse's extent (``d <= 1``) is recorded (:meth:`box`).
         """
+        if box:
+            ca, sa = math.cos(angle), math.sin(angle)
+            hx, hy = math.hypot(rx * ca, ry * sa), math.hypot(rx * sa, ry * ca)
+            self.box(box, cx - hx, cy - hy, cx + hx, cy + hy)
         s = self.size
         r = max(rx, ry) * (1 + edge)
         x0, x1 = max(0, int((cx - r) * s)), min(s, int(math.ceil((cx + r) * s)) + 1)
@@ -146,8 +163,14 @@ class _Anatomy:
     heart: tuple[float, float, float, float]
 
 
-def draw_image(image_index: str, findings: tuple[str, ...], size: int, seed: int) -> np.ndarray:
-    """One synthetic chest X-ray as uint8 (size, size); depends only on its arguments."""
+def draw_image(image_index: str, findings: tuple[str, ...], size: int, seed: int,
+               boxes: list[tuple[str, float, float, float, float]] | None = None) -> np.ndarray:
+    """One synthetic chest X-ray as uint8 (size, size); depends only on its arguments.
+
+    ``boxes``, when given, receives where each reported finding was drawn, as ``(label, x,
+    y, w, h)`` in pixels (the layout of NIH's ``BBox_List_2017.csv``): one box per drawn
+    shape (several for Nodule and Infiltration, both lungs for Edema, Emphysema and
+    Fibrosis). Findings the report missed (the label noise of No Finding images) get none."""
     rng = np.random.default_rng([seed, zlib.crc32(image_index.encode())])
     c = _Canvas(size)
     s = size
@@ -191,7 +214,11 @@ def draw_image(image_index: str, findings: tuple[str, ...], size: int, seed: int
     c.ellipse(0.5, 0.5, 0.035, 0.5, u(0.10, 0.16), edge=0.3)  # spine / mediastinum
     scale = 1.0 + contrast("Cardiomegaly") if "Cardiomegaly" in has else u(0.88, 1.12)
     heart = (0.54 + u(-0.01, 0.01), 0.63, 0.11 * scale, 0.095 * scale)
-    c.ellipse(*heart, u(0.16, 0.22), edge=0.12)
+    c.ellipse(*heart, u(0.16, 0.22), edge=0.12, box="Cardiomegaly" if "Cardiomegaly" in has
+              else None)
+    if emphysema:
+        for cx, cy, rx, ry in lungs:
+            c.box("Emphysema", cx - rx, cy - ry, cx + rx, cy + ry)
 
     # Label noise: some No Finding images carry a finding the report missed.
     if has == {nih.NO_FINDING} and u(0.0, 1.0) < UNREPORTED:
@@ -202,25 +229,29 @@ def draw_image(image_index: str, findings: tuple[str, ...], size: int, seed: int
     for d in findings:
         if d == nih.NO_FINDING or d == "Cardiomegaly" or d == "Emphysema":
             continue
+        b = d if unreported == 1.0 else None  # a reported finding: record its box
         k = int(rng.integers(2))
         lcx, lcy, lrx, lry = lungs[k]
         if d == "Atelectasis":
             c.ellipse(lcx + u(-0.4, 0.4) * lrx, lcy + u(0.25, 0.6) * lry, u(0.09, 0.14),
-                      u(0.02, 0.035), contrast(d), edge=0.4, angle=u(-0.3, 0.3))
+                      u(0.02, 0.035), contrast(d), edge=0.4, angle=u(-0.3, 0.3), box=b)
         elif d == "Consolidation":
             r = u(0.08, 0.13)
             c.ellipse(lcx + u(-0.3, 0.3) * lrx, lcy + u(0.0, 0.5) * lry, r, r * u(0.7, 1.2),
-                      contrast(d), edge=0.4)
+                      contrast(d), edge=0.4, box=b)
         elif d == "Edema":
             v = contrast(d)
             for cx, cy, rx, ry in lungs:
-                c.ellipse(0.5 + (cx - 0.5) * 0.7, cy + 0.03, rx * 0.8, ry * 0.6, v, edge=1.0)
+                c.ellipse(0.5 + (cx - 0.5) * 0.7, cy + 0.03, rx * 0.8, ry * 0.6, v, edge=1.0,
+                          box=b)
         elif d == "Effusion":
             h = u(0.08, 0.22) * lry * 2
             base = lcy + lry * 0.95
             meniscus = np.clip((yy - (base - h) - 0.4 * h * ((xx - lcx) / lrx) ** 2) / (0.2 * h), 0, 1)
             side = (xx < 0.5) if k == 0 else (xx >= 0.5)
             c.img += contrast(d) * meniscus * lung_field * side
+            if b:
+                c.box(b, lcx - lrx, base - h, lcx + lrx, lcy + lry)
         elif d == "Fibrosis":
             theta = u(0, np.pi)
             freq = u(6, 9)
@@ -228,11 +259,13 @@ def draw_image(image_index: str, findings: tuple[str, ...], size: int, seed: int
                    * np.cos(2 * np.pi * freq * (-xx * math.sin(theta) + yy * math.cos(theta))))
             upper = np.clip((0.75 - yy) / 0.3, 0.5, 1)
             c.img += (fibrosis or contrast(d)) * np.maximum(net, 0) * lung_field * upper
+            for cx, cy, rx, ry in (lungs if b else ()):
+                c.box(b, cx - rx, cy - ry, cx + rx, cy + ry)
         elif d == "Hernia":
             r = u(0.045, 0.075)
             cx, cy = 0.5 + u(-0.04, 0.04), heart[1] + u(0.02, 0.06)
             v = contrast(d)
-            c.ellipse(cx, cy, r, r * u(0.8, 1.0), v, edge=0.15)
+            c.ellipse(cx, cy, r, r * u(0.8, 1.0), v, edge=0.15, box=b)
             c.ellipse(cx + u(-0.3, 0.3) * r, cy - 0.3 * r, r * 0.35, r * 0.25, -0.8 * v, edge=0.3)
         elif d == "Infiltration":
             v = contrast(d)
@@ -241,27 +274,27 @@ def draw_image(image_index: str, findings: tuple[str, ...], size: int, seed: int
                 cx, cy, rx, ry = lungs[j]
                 r = u(0.02, 0.04)
                 c.ellipse(cx + u(-0.6, 0.6) * rx, cy + u(-0.6, 0.6) * ry, r, r * u(0.6, 1.4),
-                          v * u(0.6, 1.0), edge=0.8)
+                          v * u(0.6, 1.0), edge=0.8, box=b)
         elif d == "Mass":
             r = u(0.07, 0.11)
             c.ellipse(lcx + u(-0.5, 0.5) * lrx, lcy + u(-0.5, 0.0) * lry, r, r * u(0.85, 1.15),
-                      contrast(d), edge=0.25)
+                      contrast(d), edge=0.25, box=b)
         elif d == "Nodule":
             v = contrast(d)
             for _ in range(int(rng.integers(2, 6))):  # in either lung, upper and mid zones
                 cx, cy, rx, ry = lungs[int(rng.integers(2))]
                 r = u(0.04, 0.055)
                 c.ellipse(cx + u(-0.6, 0.6) * rx, cy + u(-0.7, 0.2) * ry, r, r,
-                          v * u(0.8, 1.0), edge=0.25)
+                          v * u(0.8, 1.0), edge=0.25, box=b)
         elif d == "Pleural_Thickening":
             lateral = lcx - lrx * 0.92 if k == 0 else lcx + lrx * 0.92
             c.ellipse(lateral, lcy + u(-0.4, 0.3) * lry, u(0.018, 0.03), u(0.10, 0.18) * 1.5,
-                      contrast(d), edge=0.4)
+                      contrast(d), edge=0.4, box=b)
         elif d == "Pneumonia":
             r = u(0.05, 0.08)
             texture = 0.6 + 0.4 * np.clip(_smooth_noise(rng, s, 40), -1, 1)
             c.ellipse(lcx + u(-0.3, 0.3) * lrx, lcy + u(-0.1, 0.5) * lry, r, r * u(0.8, 1.3),
-                      contrast(d), edge=0.8, texture=texture)
+                      contrast(d), edge=0.8, texture=texture, box=b)
         elif d == "Pneumothorax":
             v = contrast(d)
             cx = lcx - 0.45 * lrx if k == 0 else lcx + 0.45 * lrx
@@ -270,6 +303,9 @@ def draw_image(image_index: str, findings: tuple[str, ...], size: int, seed: int
             region = np.zeros((s, s), dtype=np.float32)
             c.ellipse(cx, cy, rx, ry, 1.0, edge=0.05, out=region)
             region *= lung_field
+            if b:
+                c.box(b, max(cx - rx, lcx - lrx), max(cy - ry, lcy - lry),
+                      min(cx + rx, lcx + lrx), min(cy + ry, lcy + lry))
             c.img -= region * (markings + v)  # no markings, darker
             c.ellipse(cx, cy, rx * 1.02, ry * 1.02, v * 0.8, edge=0.04)  # pleural line ...
             c.ellipse(cx, cy, rx * 0.99, ry * 0.99, -v * 0.8, edge=0.04)  # ... as a thin rim
@@ -279,18 +315,46 @@ def draw_image(image_index: str, findings: tuple[str, ...], size: int, seed: int
     # Exposure, detector noise, quantisation.
     c.img *= u(0.9, 1.1)
     c.img += rng.normal(0.0, 0.012, size=(s, s)).astype(np.float32)
+    if boxes is not None:
+        boxes.extend(c.boxes)
     return (np.clip(c.img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- writing
-def _write_one(job: tuple[str, tuple[str, ...], int, int, str]) -> int:
+def _write_one(job: tuple[str, tuple[str, ...], int, int, str]
+               ) -> tuple[int, list[tuple[str, float, float, float, float]]]:
     image_index, findings, size, seed, folder = job
-    pixels = draw_image(image_index, findings, size, seed)
+    boxes: list[tuple[str, float, float, float, float]] = []
+    pixels = draw_image(image_index, findings, size, seed, boxes)
     path = Path(folder) / image_index
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(pixels, mode="L").save(tmp, format="PNG", compress_level=6)
     os.replace(tmp, path)
-    return path.stat().st_size
+    return path.stat().st_size, boxes
+
+
+#: NIH's bounding-box list: ``Image Index, Finding Label, Bbox [x,y,w,h]`` and three unnamed
+#: columns (the box's x, y, w, h spread over four columns, in pixels of the image).
+BBOX_FILE = "BBox_List_2017.csv"
+
+
+def write_boxes(boxes: dict[str, list[tuple[str, float, float, float, float]]],
+                path: Path) -> int:
+    """Write the boxes in NIH's ``BBox_List_2017.csv`` layout; → rows written."""
+    lines = ["Image Index,Finding Label,Bbox [x,y,w,h],,,"]
+    for image, found in boxes.items():
+        for label, x, y, w, h in found:
+            lines.append(f"{image},{label},{x:.2f},{y:.2f},{w:.2f},{h:.2f}")
+    path.write_text("\n".join(lines) + "\n")
+    return len(lines) - 1
+
+
+def read_boxes(path: str | Path) -> pd.DataFrame:
+    """``BBox_List_2017.csv`` (NIH's or synth's) → columns image, label, x, y, w, h."""
+    frame = pd.read_csv(path)
+    frame = frame.iloc[:, :6]
+    frame.columns = ["image", "label", "x", "y", "w", "h"]
+    return frame
 
 
 def write_split_lists(rows: pd.DataFrame, out: Path, seed: int, test_fraction: float = 0.2) -> None:
@@ -319,12 +383,15 @@ def write_dataset(out: str | Path, *, per_class: int = 40, size: int = 1024, see
     total = 0
     step = max(1, len(jobs) // 10)
     log.info("drawing %d images of %d² with %d processes into %s", len(jobs), size, workers, images)
+    boxes: dict[str, list[tuple[str, float, float, float, float]]] = {}
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for i, nbytes in enumerate(pool.map(_write_one, jobs, chunksize=8), start=1):
+        for i, (nbytes, found) in enumerate(pool.map(_write_one, jobs, chunksize=8), start=1):
             total += nbytes
+            boxes[jobs[i - 1][0]] = found
             if i % step == 0 or i == len(jobs):
                 log.info("synth: %d/%d images (%.0f%%)", i, len(jobs), 100.0 * i / len(jobs))
     nih.write_metadata(rows, out / "Data_Entry_2017.csv")
+    write_boxes(boxes, out / BBOX_FILE)
     write_split_lists(rows, out, seed)
     seconds = time.perf_counter() - start
     return SynthResult(out=out, images=len(jobs), megabytes=total / 1e6, seconds=seconds)

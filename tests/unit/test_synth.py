@@ -63,3 +63,29 @@ def test_png_size_is_realistic_at_1024():
     buf = io.BytesIO()
     Image.fromarray(synth.draw_image("00000009_000.png", ("Effusion",), 1024, 0)).save(buf, "PNG")
     assert 150_000 < len(buf.getvalue()) < 1_200_000  # real NIH PNGs: hundreds of KB
+
+
+def test_boxes_say_where_each_reported_finding_was_drawn(tiny_synth):
+    """BBox_List_2017.csv in NIH's layout: a box per drawn shape of every reported finding,
+    inside the image, and the image differs from its No Finding twin mostly inside them."""
+    boxes = synth.read_boxes(tiny_synth / synth.BBOX_FILE)
+    header = (tiny_synth / synth.BBOX_FILE).read_text().splitlines()[0]
+    assert header == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    meta = nih.load_metadata(tiny_synth / "Data_Entry_2017.csv").set_index(nih.IMAGE)
+    for row in boxes.itertuples():
+        assert row.label in meta.loc[row.image, nih.FINDINGS].split("|")
+        assert 0 <= row.x and 0 <= row.y and row.x + row.w <= 64.01 and row.y + row.h <= 64.01
+    assert set(boxes["label"]) == set(nih.DISEASES)  # every disease is drawn somewhere
+    healthy = meta.index[meta[nih.FINDINGS] == nih.NO_FINDING]
+    assert not boxes["image"].isin(healthy).any()  # unreported findings get no box
+    # drawn where it says: the finding changes the picture inside its box far more than
+    # outside (outside, only the noise and exposure of a different random sequence differ)
+    for disease in ("Mass", "Cardiomegaly", "Effusion"):
+        found: list = []
+        img = synth.draw_image("00000005_000.png", (disease,), 128, seed=3, boxes=found)
+        base = synth.draw_image("00000005_000.png", (nih.NO_FINDING,), 128, seed=3)
+        inside = np.zeros((128, 128), bool)
+        for _, x, y, w, h in found:
+            inside[int(y):int(np.ceil(y + h)), int(x):int(np.ceil(x + w))] = True
+        diff = np.abs(img.astype(int) - base)
+        assert found and diff[inside].mean() > 3 * diff[~inside].mean(), disease
