@@ -461,6 +461,65 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- predict
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="apply an experiment's trained classifiers to new X-rays (PNG or DICOM)",
+        description="For each image: every cohort's probability from that cohort's "
+        "validation-selected checkpoint, the decision at its validation-chosen threshold, the "
+        "one-class model's anomaly score, and where each number came from; unreadable files "
+        "get a row with the reason. With an NIH Data_Entry_2017*.csv beside the images, also "
+        "per-cohort accuracy and AUC with patient-bootstrap CIs (OUT.metrics.csv). Example: "
+        "cxr-ray predict --experiment demo-run/experiments/demo --images "
+        "demo-run/data/images --out preds.csv --heatmaps heatmaps",
+    )
+    p.add_argument("--experiment", type=Path, required=True, help="the sweep's experiment dir")
+    p.add_argument("--images", type=Path, required=True,
+                   help="a directory of images (PNG, DICOM; recursive) or a text file listing "
+                        "one path per line")
+    p.add_argument("--out", type=Path, required=True, help="the predictions CSV to write")
+    p.add_argument("--cohorts", nargs="+", default=None,
+                   help="cohorts to predict (default: every cohort the experiment trained)")
+    p.add_argument("--heatmaps", type=Path, default=None,
+                   help="directory for Grad-CAM overlay PNGs (one per image and heatmap cohort)")
+    p.add_argument("--heatmap-cohorts", nargs="+", default=None,
+                   help="cohorts to draw heatmaps for (default: every predicted cohort)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+    p.add_argument("--launcher", choices=["ray", "process"], default="ray",
+                   help="ray: Ray Data batch inference (default); process: one plain process")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    kw = dict(cohorts=args.cohorts, heatmaps=str(args.heatmaps) if args.heatmaps else None,
+              heatmap_cohorts=args.heatmap_cohorts, batch_size=args.batch_size)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.launcher == "process":
+        from cxr_ray.predict.output import predict_in_process
+
+        frame, scores = predict_in_process(args.experiment, args.images, args.out, **kw)
+    else:
+        from cxr_ray.ray_backend import infer
+
+        frame, scores = infer.predict(args.experiment, args.images, args.out,
+                                      address=args.address, **kw)
+    bad = int((frame["status"] != "ok").sum())
+    print(f"predictions: {args.out} ({len(frame)} images, {bad} unreadable"
+          + (f": {frame.loc[frame['status'] != 'ok', 'reason'].iloc[0]}" if bad else "") + ")")
+    if args.heatmaps:
+        print(f"heatmaps: {args.heatmaps}")
+    if scores is not None:
+        from cxr_ray.predict.output import metrics_file
+
+        print(f"external validation ({metrics_file(args.out)}):")
+        print(scores.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
 # --------------------------------------------------------------------------- status
 def _add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -502,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_cohorts, _add_synth, _add_schedule, _add_prepare, _add_train,
-                _add_lr_find, _add_sweep, _add_report, _add_status):
+                _add_lr_find, _add_sweep, _add_report, _add_predict, _add_status):
         add(sub)
     return parser
 

@@ -1,6 +1,12 @@
-"""Shared fixtures: the real NIH metadata (loaded once) and one tiny synthetic data set."""
+"""Shared fixtures: the real NIH metadata (loaded once), tiny synthetic data sets, a shard set
+and a small trained experiment (both made without Ray, in this process), a local Ray.
+
+Imports of cxr_ray modules beyond the data vocabulary happen inside the fixtures, after
+tests/unit/conftest.py has made ``import ray`` fail for the unit tests."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +43,54 @@ def ray_local():
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def local_shards(tmp_path_factory) -> Path:
+    """A complete shard set at 32 px from 40 synthetic images per class (seed 0), no Ray:
+    ``prepare`` with :func:`cxr_ray.data.prepare.decode_in_process` for Ray Data's decode
+    (the same ``decode_batch``, the same hive layout)."""
+    from cxr_ray.data.prepare import PrepareConfig, decode_in_process, prepare
+
+    root = tmp_path_factory.mktemp("local_shards")
+    synth.write_dataset(root / "data", per_class=40, size=64, seed=0, workers=2)
+    result = prepare(PrepareConfig(data=root / "data", out=root / "shards", size=32),
+                     decode_and_write=decode_in_process)
+    assert result.manifest["written"] == result.manifest["rows"] > 0
+    return root / "shards"
+
+
+#: The cohorts of :func:`small_experiment`.
+EXPERIMENT_COHORTS = ("Effusion", "OneClass")
+
+
+@pytest.fixture(scope="session")
+def small_experiment(local_shards, tmp_path_factory) -> Path:
+    """A real sweep experiment, trained in this process: a tiny recipe's stage 1 and stage 2
+    (Effusion and OneClass; constant and triangular) through the sweep's own trial function
+    with the in-process launcher. About 15 s."""
+    from cxr_ray.sweep import plan as sweep_plan
+    from cxr_ray.sweep.recipe import parse_recipe
+    from cxr_ray.sweep.trial import run_trial
+    from cxr_ray.train.run import fit_in_process
+
+    exp = tmp_path_factory.mktemp("experiments") / "small"
+    recipe = parse_recipe({
+        "experiment": {"name": "small", "storage_path": str(exp.parent),
+                       "shards": str(local_shards), "cohorts": list(EXPERIMENT_COHORTS)},
+        "train": {"model": "mobilenet_v1", "width": 0.25, "pretrained": False,
+                  "batch_size": 16, "threads": 1, "augment": False, "keep_checkpoints": 1,
+                  "checkpoint_metric": "val_accuracy", "launcher": "process"},
+        "stage1": {"epochs": 2}, "lr_find": {"enabled": False},
+        "stage2": {"epochs": 1, "bounds": "recipe", "base_lr": 0.001, "max_lr": 0.004,
+                   "step_size_epochs": 0.5},
+        "grid": {"policy": ["constant", "triangular"]}})
+    sweep_plan.check_recipe(exp, recipe)
+    stage1, stage2, _ = sweep_plan.plan_trials(recipe)
+
+    def fit(config, *, storage_path, name, lr_find):
+        return fit_in_process(config, storage_path=storage_path, name=name, lr_find=lr_find)
+
+    for spec in stage1 + stage2:
+        run_trial(spec, exp, fit, launcher="process")
+    return exp

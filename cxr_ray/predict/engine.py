@@ -1,0 +1,152 @@
+"""Every chosen cohort model, loaded once: probabilities, decisions and Grad-CAM heatmaps.
+
+:class:`Predictor` is what each Ray Data actor holds (and what the in-process path uses):
+the models are built from their checkpoints (``weights_only``; no download), put in eval
+mode on the device, and applied to uint8 batches exactly as evaluation applies them during
+training (:func:`cxr_ray.data.augment.to_model_input`), so a prediction here equals the
+evaluation of the same checkpoint on the same pixels.
+
+**Grad-CAM** (Selvaraju et al. 2017) comes from Captum's ``LayerGradCam`` (the attribution
+library of the PyTorch project), not a hand-written one. Its layer is the deepest block of
+the backbone's feature sequence whose map is at least 7×7 at the experiment's resolution:
+MobileNetV1's last map is 7×7 at 224² but only 2×2 at 48², so at 48² the CAM comes from the
+12×12 map of its fourth block (``backbone.features.3``): coarser semantics, finer place.
+:meth:`Predictor.cam_layer_name` says which. The map is the positive class's (the logit's
+gradient), ReLU'd, upsampled bilinearly to the image and scaled to [0, 1] per image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxr_ray import models
+from cxr_ray.data import augment
+from cxr_ray.predict.select import CohortModel
+from cxr_ray.train import checkpoint as ck
+
+#: Smallest map side Grad-CAM is read from when the backbone offers one.
+MIN_CAM_SIDE = 7
+
+
+def load_model(model: CohortModel, device: torch.device) -> models.CxrClassifier:
+    """A cohort's classifier from its checkpoint, in eval mode on ``device``."""
+    ckpt = ck.load_checkpoint(model.checkpoint)
+    cfg = {**ckpt["model"], "weights": None, "pretrained": False}  # the checkpoint has them
+    net = models.build_model(models.ModelConfig(**cfg))
+    net.load_state_dict(ckpt["model_state"])
+    return net.to(device).eval()
+
+
+def feature_blocks(net: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The backbone's top-level feature blocks (``backbone.features.N``), else every module."""
+    features = getattr(getattr(net, "backbone", None), "features", None)
+    if isinstance(features, torch.nn.Sequential):
+        return [(f"backbone.features.{n}", m) for n, m in features.named_children()]
+    return [(n, m) for n, m in net.named_modules() if n]
+
+
+def cam_layer(net: torch.nn.Module, size: int) -> tuple[str, torch.nn.Module, tuple[int, int]]:
+    """The deepest feature block with a map of at least :data:`MIN_CAM_SIDE` at ``size``
+    (the largest map when none is that large); → (name, module, map size)."""
+    shapes: dict[str, tuple[int, int]] = {}
+    blocks = feature_blocks(net)
+
+    def record(name: str):
+        def hook(_module, _inputs, out) -> None:  # returns None: the output is kept
+            if isinstance(out, torch.Tensor) and out.dim() == 4:
+                shapes.setdefault(name, (int(out.shape[-2]), int(out.shape[-1])))
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in blocks]
+    try:
+        with torch.no_grad():
+            device = next(net.parameters()).device
+            net(torch.zeros(1, 1, size, size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    spatial = [(name, m, shapes[name]) for name, m in blocks if name in shapes]
+    if not spatial:
+        raise RuntimeError("the model has no 4-D feature map for Grad-CAM")
+    big = [s for s in spatial if min(s[2]) >= MIN_CAM_SIDE]
+    return big[-1] if big else max(spatial, key=lambda s: min(s[2]))
+
+
+class Predictor:
+    """The chosen models of several cohorts (see the module docstring)."""
+
+    def __init__(self, chosen: dict[str, CohortModel], *, device: str | torch.device = "cpu",
+                 threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.chosen = dict(chosen)
+        self.size = next(iter(chosen.values())).image_size
+        self.models = {c: load_model(m, self.device) for c, m in chosen.items()}
+        self._cam: dict[str, Any] = {}
+
+    def inputs(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 (N, S, S) → the model's float input on the device."""
+        return augment.to_model_input(torch.from_numpy(np.ascontiguousarray(pixels))
+                                      ).to(self.device)
+
+    @torch.no_grad()
+    def probabilities(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """``{cohort: P(positive)}`` for a uint8 batch (N, S, S)."""
+        if len(pixels) == 0:
+            return {c: np.zeros(0) for c in self.models}
+        x = self.inputs(pixels)
+        return {c: torch.sigmoid(net(x).float().reshape(-1)).cpu().numpy().astype(np.float64)
+                for c, net in self.models.items()}
+
+    def cam_layer_name(self, cohort: str) -> str:
+        """Which layer :meth:`heatmaps` reads for ``cohort`` (and its map size)."""
+        name, _, shape = self._cam_for(cohort)[1:]
+        return f"{name} ({shape[0]}x{shape[1]})"
+
+    def _cam_for(self, cohort: str):
+        if cohort not in self._cam:
+            from captum.attr import LayerGradCam
+
+            net = self.models[cohort]
+            name, layer, shape = cam_layer(net, self.size)
+            self._cam[cohort] = (LayerGradCam(lambda x, net=net: net(x).reshape(-1), layer),
+                                 name, layer, shape)
+        return self._cam[cohort]
+
+    def heatmaps(self, pixels: np.ndarray, cohort: str) -> np.ndarray:
+        """Grad-CAM of ``cohort``'s positive class: float (N, S, S) in [0, 1]."""
+        from captum.attr import LayerAttribution
+
+        gradcam = self._cam_for(cohort)[0]
+        x = self.inputs(pixels).requires_grad_(True)
+        with torch.enable_grad():
+            attr = gradcam.attribute(x, relu_attributions=True)
+        up = LayerAttribution.interpolate(attr, (self.size, self.size),
+                                          interpolate_mode="bilinear")
+        maps = up.detach().float().reshape(len(pixels), self.size, self.size).cpu().numpy()
+        top = maps.reshape(len(maps), -1).max(axis=1).reshape(-1, 1, 1)
+        return np.where(top > 0, maps / np.where(top > 0, top, 1.0), 0.0)
+
+
+def write_overlay(path: str | Path, pixels: np.ndarray, heatmap: np.ndarray, *,
+                  display: int = 256, alpha: float = 0.45) -> Path:
+    """The image (grey) with the heatmap (jet) blended over it, upsampled to ``display``."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    side = max(display, pixels.shape[0])
+    grey = np.asarray(Image.fromarray(pixels).resize((side, side), Image.BILINEAR),
+                      dtype=np.float32) / 255.0
+    heat = np.asarray(Image.fromarray(heatmap.astype(np.float32), mode="F").resize(
+        (side, side), Image.BILINEAR), dtype=np.float32).clip(0, 1)
+    colour = colormaps["jet"](heat)[..., :3]
+    out = (1 - alpha * heat[..., None]) * grey[..., None] + alpha * heat[..., None] * colour
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((out.clip(0, 1) * 255 + 0.5).astype(np.uint8), mode="RGB").save(path)
+    return path
