@@ -107,7 +107,9 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:160] if text else type(exc).__name__
 
 
-def _open(path: str) -> Image.Image:
+def check_file(path: str) -> os.stat_result:
+    """The file's stat, or :class:`Quarantine` for a missing, unreadable, non-regular or
+    empty one."""
     if not path:
         raise Quarantine(MISSING, "not found under the data directory")
     try:
@@ -120,6 +122,11 @@ def _open(path: str) -> Image.Image:
         raise Quarantine(UNREADABLE, "not a regular file")
     if st.st_size == 0:
         raise Quarantine(EMPTY, "0 bytes")
+    return st
+
+
+def _open(path: str) -> Image.Image:
+    st = check_file(path)
     try:
         im = Image.open(path)
     except UnidentifiedImageError:

@@ -23,22 +23,19 @@ bit depth and size.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 from PIL import Image
 
 from cxr_ray.data.decode import (
     CORRUPT,
-    EMPTY,
-    MISSING,
     NOT_IMAGE,
     TRUNCATED,
-    UNREADABLE,
     UNSUPPORTED,
     Decoded,
     Quarantine,
     _short,
+    check_file,
     resize_gray,
 )
 
@@ -75,14 +72,7 @@ def decode_dicom(path: str, size: int) -> Decoded:
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise Quarantine(MISSING, "not found") from None
-    except OSError as exc:
-        raise Quarantine(UNREADABLE, _short(exc)) from None
-    if st.st_size == 0:
-        raise Quarantine(EMPTY, "0 bytes")
+    check_file(path)
     try:
         ds = pydicom.dcmread(path, force=path.lower().endswith(DICOM_SUFFIXES))
     except InvalidDicomError as exc:
