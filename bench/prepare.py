@@ -14,7 +14,7 @@ both alike:
 
 * the baseline: one process, ``PIL.Image.open`` → grey → ``resize(size², BILINEAR,
   reducing_gap=None)`` → numpy, for every listed file (no writing);
-* ``pipeline.prepare`` on a running local Ray (Ray start-up measured separately and
+* ``cxr-ray prepare`` (:func:`cxr_ray.ray_backend.ingest.prepare`) on a running local Ray (Ray start-up measured separately and
   excluded): decode, resize, Parquet write, cohort tables, manifest, atomic publish —
   the whole command minus ``ray.init``.  The first run also starts Ray's worker
   processes ("cold"); the ratio uses the median of the warm runs.
@@ -40,8 +40,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxr_ray import pipeline
 from cxr_ray.data import nih, synth
+from cxr_ray.data.prepare import PrepareConfig
 
 from _results import RESULTS, write_section  # noqa: E402 (bench/ is on sys.path when run)
 
@@ -148,7 +148,9 @@ def run_prepare(data: Path, out: Path, size: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     cpu0, tree0 = time.process_time(), tree_cpu_seconds()
-    result = pipeline.prepare(pipeline.PrepareConfig(data=data, out=out, size=size))
+    from cxr_ray.ray_backend.ingest import prepare
+
+    result = prepare(PrepareConfig(data=data, out=out, size=size))
     seconds = time.perf_counter() - t0
     driver_cpu, tree_cpu = time.process_time() - cpu0, tree_cpu_seconds() - tree0
     m = result.manifest
@@ -156,19 +158,6 @@ def run_prepare(data: Path, out: Path, size: int) -> dict:
             "rows": m["rows"], "written": m["written"], "shards": len(m["shards"]),
             "bytes": sum(s["bytes"] for s in m["shards"]), "driver_cpu": driver_cpu,
             "cpu_per_image": tree_cpu / max(m["rows"], 1)}
-
-
-def stream_rate(out: Path, cohort: str, shuffle: str, materialize: bool,
-                epochs: int = 2) -> tuple[int, float]:
-    """(images per epoch, images/s) of iterating a cohort's train split as training does."""
-    ds = pipeline.cohort_dataset(out, cohort, "train", shuffle=shuffle, materialize=materialize)
-    rates, n = [], 0
-    for _ in range(epochs):
-        t0, n = time.perf_counter(), 0
-        for batch in ds.iter_torch_batches(batch_size=32):
-            n += len(batch["label"])
-        rates.append(n / (time.perf_counter() - t0))
-    return n, max(rates)  # the first epoch pays for starting the read tasks
 
 
 def main() -> None:
@@ -181,7 +170,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="baseline/prepare rounds (default 3)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "cxr-ray-bench")
     ap.add_argument("--no-write", action="store_true", help="print only; do not edit bench/RESULTS.md")
-    ap.add_argument("--no-stream", action="store_true", help="skip the training-stream read rates")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -222,13 +210,6 @@ def main() -> None:
                   f"{runs[-1]['cpu_per_image'] * 1e3:.1f} ms CPU/image in all Ray processes)")
         base_rates.append(baseline(paths, args.size))
         print(f"final  : baseline {base_rates[-1]:.1f} images/s")
-        streams = {}
-        if not args.no_stream:
-            for shuffle, materialize in (("global", False), ("blocks", False), ("global", True)):
-                key = f"shuffle={shuffle!r}, materialize={materialize}"
-                streams[key] = stream_rate(out, "OneClass", shuffle, materialize)
-                print(f"stream OneClass train, {key}: {streams[key][1]:.0f} images/s "
-                      f"({streams[key][0]} images/epoch)")
     finally:
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)
@@ -281,9 +262,6 @@ def main() -> None:
         f"| `prepare`, first run (cold Ray workers) | {runs[0]['rate']:.1f} images/s |",
         f"| Ray start-up (`ray.init`, excluded above) | {ray_start:.1f} s |",
         f"| **ratio** `prepare_rate / (baseline_rate × CPUs)` | **{ratio:.2f}** (target ≥ 0.8; cold run {cold:.2f}) |",
-        *(f"| training stream: `cohort_dataset(OneClass, train, {k})` → "
-          f"`iter_torch_batches(32)`, {v[0]} images/epoch | {v[1]:.0f} images/s |"
-          for k, v in streams.items()),
     ])
     section = (f"{HEADING}\n\nMeasured by `bench/prepare.py` ({time.strftime('%Y-%m-%d')}; {env}).\n\n"
                f"{table}\n\n"
