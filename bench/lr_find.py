@@ -118,7 +118,7 @@ def raw_ramps(run_dir: Path, config: Any, args: argparse.Namespace, *, steps: in
     from cxr_ray.optim.lr_finder import LrRangeConfig
     from cxr_ray.train import checkpoint as ck
     from cxr_ray.train import loop
-    from cxr_ray.train.lr_find import run_ramp, start_checkpoint, _val_batches
+    from cxr_ray.train.lr_find import held_out_batches, run_ramp, start_checkpoint
     from cxr_ray.train.run import array_feeds, device_for, lr_find_config, plan_run
 
     summary = paths.read_json(run_dir / paths.SUMMARY_FILE)
@@ -136,7 +136,7 @@ def raw_ramps(run_dir: Path, config: Any, args: argparse.Namespace, *, steps: in
     train_feed, eval_feeds = array_feeds(plan)
     cfg = LrRangeConfig(min_lr=args.min_lr, max_lr=args.max_lr, num_steps=steps,
                         diverge_factor=1e12, loss=loss)
-    held = _val_batches(plan, ctx, eval_feeds["val"], cfg) if loss == "val" else None
+    held = held_out_batches(plan, ctx, eval_feeds["val"], cfg) if loss == "val" else None
     out = []
     for seed in args.seeds:
         ck.unwrap(model).load_state_dict(initial)

@@ -89,7 +89,7 @@ def range_test(plan: RunPlan, ctx: loop.RankContext, model: torch.nn.Module, fee
     if start is not None:
         net.load_state_dict(ck.load_checkpoint(start)["model_state"])
     initial = copy.deepcopy(net.state_dict())
-    held_out = _val_batches(plan, ctx, val_feed, cfg) if cfg.loss == "val" else None
+    held_out = held_out_batches(plan, ctx, val_feed, cfg) if cfg.loss == "val" else None
     curves = []
     for j in range(cfg.repeats):
         net.load_state_dict(initial)
@@ -140,7 +140,7 @@ def run_ramp(plan: RunPlan, ctx: loop.RankContext, model: torch.nn.Module, feed:
     return test
 
 
-def _val_batches(plan: RunPlan, ctx: loop.RankContext, feed: Feed | None,
+def held_out_batches(plan: RunPlan, ctx: loop.RankContext, feed: Feed | None,
                  cfg: LrRangeConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The fixed held-out batches of ``val`` mode, on the device."""
     if feed is None:
