@@ -35,6 +35,7 @@ import pandas as pd
 
 from cxr_ray import metrics, stats
 from cxr_ray.data import nih
+from cxr_ray.data.cohorts import resolve_cohort
 from cxr_ray.errors import UserError
 from cxr_ray.predict.engine import Predictor, write_overlay
 from cxr_ray.predict.inputs import list_inputs, read_input
@@ -166,10 +167,10 @@ def setup(experiment: str | Path, images: str | Path, *, cohorts: list[str] | No
     experiment = str(Path(experiment).expanduser().resolve())
     chosen = select_models(experiment, cohorts)
     inputs = list_inputs(images)
-    wanted = list(chosen) if heatmap_cohorts is None else [c for c in heatmap_cohorts]
-    from cxr_ray.data.cohorts import resolve_cohort
-
-    wanted = [resolve_cohort(c) for c in wanted]
+    if heatmap_cohorts and not heatmaps:
+        raise UserError("--heatmap-cohorts needs --heatmaps DIR (where the overlays go)")
+    wanted = list(chosen) if heatmap_cohorts is None else [resolve_cohort(c)
+                                                           for c in heatmap_cohorts]
     missing = [c for c in wanted if c not in chosen]
     if heatmaps and missing:
         raise UserError(f"--heatmap-cohorts {', '.join(missing)}: not among the predicted "
@@ -181,9 +182,9 @@ def setup(experiment: str | Path, images: str | Path, *, cohorts: list[str] | No
 
 
 def finish(rows: list[dict[str, Any]], s: PredictSetup, out: str | Path,
-           labels: str | Path | None = None, images: str | Path | None = None
-           ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Write preds.csv (checking one row per input, in order) and, with labels, the metrics."""
+           images: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Write preds.csv (checking one row per input, in order) and, when labels lie beside
+    the images (:func:`find_labels`), the external-validation metrics."""
     frame = pd.DataFrame(rows)
     if list(frame["image"]) != s.inputs:
         raise RuntimeError(f"predict produced {len(frame)} rows for {len(s.inputs)} inputs")
@@ -191,7 +192,7 @@ def finish(rows: list[dict[str, Any]], s: PredictSetup, out: str | Path,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
-    labels = labels or (find_labels(images) if images is not None else None)
+    labels = find_labels(images)
     scores = None
     if labels:
         scores = external_validation(frame, s.models, labels)
@@ -221,7 +222,7 @@ def predict_in_process(experiment: str | Path, images: str | Path, out: str | Pa
         rows += predict_rows(predictor, pixels, status, s.names[start:start + batch_size],
                              s.provenance, heatmaps=heatmaps, heatmap_cohorts=s.heatmap_cohorts)
     log.info("predicted %d images in %.1f s", len(rows), time.perf_counter() - t0)
-    return finish(rows, s, out, images=images)
+    return finish(rows, s, out, images)
 
 
 # --------------------------------------------------------------------------- labels

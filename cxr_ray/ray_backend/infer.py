@@ -102,4 +102,4 @@ def predict(experiment: str | Path, images: str | Path, out: str | Path, *,
         frame = ds.to_pandas().sort_values("row")
         log.info("predict: %d rows in %.1f s", len(frame), time.perf_counter() - t0)
     rows = frame.drop(columns=["row"]).to_dict("records")
-    return output.finish(rows, s, out, images=images)
+    return output.finish(rows, s, out, images)

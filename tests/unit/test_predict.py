@@ -197,5 +197,7 @@ def test_heatmaps_per_image_and_cohort_from_a_7x7_or_larger_map(experiment, inpu
     maps = {c: predictor.heatmaps(pixels, c) for c in chosen}
     assert all(m.shape == (6, 32, 32) and m.min() >= 0 and m.max() <= 1 for m in maps.values())
     assert not np.allclose(maps["Effusion"], maps["OneClass"])  # two models, two maps
+    with pytest.raises(UserError, match="--heatmap-cohorts needs --heatmaps DIR"):
+        output.setup(experiment, inputs["dir"], heatmap_cohorts=["Effusion"])
     with pytest.raises(UserError, match="--heatmap-cohorts Mass: not among"):
         output.setup(experiment, inputs["dir"], heatmaps="x", heatmap_cohorts=["Mass"])
