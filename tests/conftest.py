@@ -28,6 +28,60 @@ def tiny_synth(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible server (moto's server mode) on 127.0.0.1 for the session, with one
+    bucket ``cxr``; yields the environment a client needs (endpoint, dummy credentials).
+    Stopped at the end of the session, also when a test fails."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    exe = Path(sys.executable).with_name("moto_server")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+        import pyarrow.fs as pafs
+
+        pafs.S3FileSystem(endpoint_override=endpoint, access_key="testing",
+                          secret_key="testing", region="us-east-1",
+                          allow_bucket_creation=True).create_dir("cxr")
+        yield env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture()
+def s3_env(s3_server, monkeypatch):
+    """:func:`s3_server`'s environment set in this process for one test."""
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session (2 CPUs, no dashboard); yields its GCS address.
 
@@ -88,8 +142,9 @@ def small_experiment(local_shards, tmp_path_factory) -> Path:
     sweep_plan.check_recipe(exp, recipe)
     stage1, stage2, _ = sweep_plan.plan_trials(recipe)
 
-    def fit(config, *, storage_path, name, lr_find):
-        return fit_in_process(config, storage_path=storage_path, name=name, lr_find=lr_find)
+    def fit(config, *, storage_path, name, lr_find, **hooks):
+        return fit_in_process(config, storage_path=storage_path, name=name, lr_find=lr_find,
+                              **hooks)
 
     for spec in stage1 + stage2:
         run_trial(spec, exp, fit, launcher="process")

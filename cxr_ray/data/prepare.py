@@ -52,6 +52,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cxr_ray import storage
 from cxr_ray.data import cohorts, decode, nih
 from cxr_ray.data.shards import (COHORTS_DIR, FORMAT_VERSION, IMAGES, MANIFEST, QUARANTINE,
                                  read_manifest)
@@ -154,7 +155,9 @@ def decode_in_process(plan: "PreparePlan", parts: Path) -> dict[str, float]:
     started = time.perf_counter()
     jobs = pa.Table.from_pandas(plan.jobs, preserve_index=False)
     table = decode.decode_batch(jobs, size=plan.config.size)
-    pq.write_to_dataset(table, str(parts), partition_cols=["status"], compression=COMPRESSION)
+    where = {"root_path": parts.path, "filesystem": parts.fs} \
+        if isinstance(parts, storage.Location) else {"root_path": str(parts)}
+    pq.write_to_dataset(table, **where, partition_cols=["status"], compression=COMPRESSION)
     return {"cpus": 1, "decode_seconds": time.perf_counter() - started}
 
 
@@ -178,22 +181,19 @@ def prepare(config: PrepareConfig, decode_and_write: DecodeAndWrite) -> PrepareR
     """Decode every image the metadata lists into ``config.out`` (see the module docstring).
 
     ``decode_and_write(plan, parts_dir)`` decodes ``plan.jobs`` and writes Parquet
-    partitioned on ``status`` into ``parts_dir``, returning ``{"cpus", "decode_seconds"}``;
-    it is called only when there is work to do.
+    partitioned on ``status`` into ``parts_dir`` (a local folder, or a
+    :class:`~cxr_ray.storage.Location` in an object store), returning
+    ``{"cpus", "decode_seconds"}``; it is called only when there is work to do.
     """
     start = time.perf_counter()
     plan = _plan(config)
+    if storage.is_uri(config.out):
+        return _prepare_remote(plan, decode_and_write, start)
     out = config.out
     with _locked(out):
         existing = read_manifest(out)
-        if existing is not None and not config.force:
-            if existing.get("settings") != plan.settings:
-                raise UserError(_settings_mismatch(out, existing.get("settings") or {},
-                                                   plan.settings))
-            if existing.get("inputs_fingerprint") == plan.fingerprint:
-                log.info("%s is up to date (same settings and inputs); --force rebuilds it", out)
-                return PrepareResult(out, existing, True, time.perf_counter() - start)
-            log.info("%s: inputs changed since it was prepared; rebuilding", out)
+        if _up_to_date(out, existing, plan):
+            return PrepareResult(out, existing, True, time.perf_counter() - start)
         staging = out / f"{_STAGING}{os.getpid()}-{secrets.token_hex(4)}"
         staging.mkdir()
         try:
@@ -203,6 +203,57 @@ def prepare(config: PrepareConfig, decode_and_write: DecodeAndWrite) -> PrepareR
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     result = PrepareResult(out, manifest, False, time.perf_counter() - start)
+    log.info("%s", result.summary())
+    return result
+
+
+def _up_to_date(out: Any, existing: dict[str, Any] | None, plan: PreparePlan) -> bool:
+    """True when ``out`` holds this plan's set; a UserError when it holds other settings."""
+    if existing is None or plan.config.force:
+        return False
+    if existing.get("settings") != plan.settings:
+        raise UserError(_settings_mismatch(out, existing.get("settings") or {}, plan.settings))
+    if existing.get("inputs_fingerprint") == plan.fingerprint:
+        log.info("%s is up to date (same settings and inputs); --force rebuilds it", out)
+        return True
+    log.info("%s: inputs changed since it was prepared; rebuilding", out)
+    return False
+
+
+def _prepare_remote(plan: PreparePlan, decode_and_write: DecodeAndWrite,
+                    start: float) -> PrepareResult:
+    """``--out`` in an object store (no rename, no lock): the decode tasks write their
+    Parquet parts to a staging prefix there (any node can); the driver checks and lays out
+    the set in a local folder exactly as for a local ``--out``, then publishes it: the old
+    manifest deleted first, the shards and tables uploaded, ``manifest.json`` last (readers
+    only open a set whose manifest is there), stale files removed after. Two prepares into
+    the same prefix at once are not detected: the last manifest wins."""
+    remote = storage.locate(plan.config.out)
+    storage.check_writable(remote)
+    existing = read_manifest(remote)
+    if _up_to_date(remote, existing, plan):
+        return PrepareResult(remote, existing, True, time.perf_counter() - start)
+    local = storage.cache_dir(str(plan.config.out)) / "prepare"
+    shutil.rmtree(local, ignore_errors=True)
+    parts = remote / f"{_STAGING}{os.getpid()}-{secrets.token_hex(4)}"
+    staging = local / "staging"
+    staging.mkdir(parents=True)
+    try:
+        ray_stats = decode_and_write(plan, parts)
+        for rel in parts.files():
+            (parts / rel).download(staging / "parts" / rel)
+        manifest = _assemble(plan, staging, ray_stats, start)
+        built = local / "set"
+        built.mkdir()
+        for name in (IMAGES, COHORTS_DIR, QUARANTINE):
+            os.replace(staging / "new" / name, built / name)
+        (built / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (remote / MANIFEST).delete()  # from here until the end: incomplete
+        storage.Mirror(remote, built, first=(IMAGES, COHORTS_DIR, QUARANTINE)).push()
+    finally:
+        parts.delete_tree()
+        shutil.rmtree(local, ignore_errors=True)
+    result = PrepareResult(remote, manifest, False, time.perf_counter() - start)
     log.info("%s", result.summary())
     return result
 

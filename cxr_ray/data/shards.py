@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from cxr_ray import storage
 from cxr_ray.data import cohorts, decode
 from cxr_ray.errors import UserError
 
@@ -57,10 +58,11 @@ COHORTS_DIR = "cohorts"
 SPLITS = cohorts.SPLITS
 
 
-def read_manifest(out: Path) -> dict[str, Any] | None:
-    """The manifest of ``out``; None when there is none, {} when it is unreadable."""
+def read_manifest(out: Path | storage.Location) -> dict[str, Any] | None:
+    """The manifest of ``out`` (a local folder or a store location); None when there is
+    none, {} when it is unreadable."""
     try:
-        return json.loads((out / MANIFEST).read_text())
+        return json.loads((out / MANIFEST).read_bytes())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
@@ -69,9 +71,9 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class Shards:
-    """A complete shard set on disk (see :func:`open_shards`)."""
+    """A complete shard set, on disk or in an object store (see :func:`open_shards`)."""
 
-    root: Path
+    root: storage.Location
     manifest: dict[str, Any]
 
     @property
@@ -79,17 +81,18 @@ class Shards:
         return int(self.manifest["size"])
 
     @property
-    def images_dir(self) -> Path:
+    def images_dir(self) -> storage.Location:
         return self.root / IMAGES
 
-    def cohort_path(self, cohort: str) -> Path:
+    def cohort_path(self, cohort: str) -> storage.Location:
         return self.root / COHORTS_DIR / f"{cohorts.resolve_cohort(cohort)}.parquet"
 
 
 def open_shards(path: str | Path, expect_size: int | None = None) -> Shards:
-    """Open a shard set, or raise a :class:`UserError` that says how to make a usable one."""
-    root = Path(path)
-    if not root.is_dir():
+    """Open a shard set (a local folder or a URI such as ``s3://bucket/shards``), or raise a
+    :class:`UserError` that says how to make a usable one."""
+    root = storage.locate(path)
+    if not storage.is_uri(path) and not root.is_dir():
         raise UserError(f"{root}: no shard set there; make one with "
                         f"cxr-ray prepare --data DIR --out {root}")
     manifest = read_manifest(root)
@@ -104,9 +107,16 @@ def open_shards(path: str | Path, expect_size: int | None = None) -> Shards:
     if expect_size is not None and shards.size != expect_size:
         raise UserError(f"{root} was prepared for {shards.size}, asked for {expect_size}: "
                         f"re-run cxr-ray prepare --size {expect_size} (into another --out)")
-    missing = [s["file"] for s in manifest.get("shards", []) if not (root / s["file"]).is_file()]
+    present = set((root / IMAGES).files()) if storage.is_uri(path) else None
+    present_cohorts = set((root / COHORTS_DIR).files()) if storage.is_uri(path) else None
+
+    def there(folder: str, name: str, known: set[str] | None) -> bool:
+        return name in known if known is not None else (root / folder / name).is_file()
+
+    missing = [s["file"] for s in manifest.get("shards", [])
+               if not there(IMAGES, s["file"].split("/", 1)[-1], present)]
     missing += [f"{COHORTS_DIR}/{c}.parquet" for c in manifest.get("cohorts", {})
-                if not (root / COHORTS_DIR / f"{c}.parquet").is_file()]
+                if not there(COHORTS_DIR, f"{c}.parquet", present_cohorts)]
     if missing:
         raise UserError(f"{root} is damaged: {len(missing)} file(s) listed in {MANIFEST} are "
                         f"missing, e.g. {missing[0]}; re-run cxr-ray prepare --force --out {root}")
@@ -119,7 +129,7 @@ def cohort_table(shards: Shards | str | Path, cohort: str, split: str | None = N
     path = sh.cohort_path(cohort)
     if not path.is_file():
         raise UserError(f"{sh.root} has no table for cohort {cohort!r}; re-run cxr-ray prepare")
-    table = pq.read_table(path).to_pandas()
+    table = pq.read_table(path.path, filesystem=path.fs).to_pandas()
     if split is not None:
         if split not in SPLITS:
             raise UserError(f"split {split!r}: use one of {', '.join(SPLITS)}")
@@ -177,7 +187,8 @@ def scan_split(shards: Shards, cohort: str, split: str, columns: list[str]
     shards' scan order, checked complete; and their float32 labels in the same order."""
     table = cohort_table(shards, cohort, split)
     ids = table["image_id"].to_numpy(np.int64)
-    data = pads.dataset(str(shards.images_dir), format="parquet").to_table(
+    images = shards.images_dir
+    data = pads.dataset(images.path, filesystem=images.fs, format="parquet").to_table(
         columns=columns, filter=pads.field("image_id").isin(pa.array(ids)))
     got = data.column("image_id").to_numpy()
     order = np.argsort(ids)

@@ -27,7 +27,7 @@ carries it); under Ray Train, spread over the cluster's CPUs with Ray Data's def
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -104,8 +104,8 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
 
 
-def _read_parquet(path: str, *, seed: int,
-                  group: PlacementGroup | None) -> "ray.data.Dataset":
+def _read_parquet(path: str, *, seed: int, group: PlacementGroup | None,
+                  filesystem: Any = None) -> "ray.data.Dataset":
     """``ray.data.read_parquet(path)`` with the files in a seeded order, through Ray Data's
     V1 Parquet reader, and with ``group`` every task of the dataset scheduled in that
     placement group.
@@ -135,7 +135,7 @@ def _read_parquet(path: str, *, seed: int,
                 current.scheduling_strategy = strategy
                 current.scheduling_strategy_large_args = strategy
             return ray.data.read_parquet(
-                path, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=False))
+                path, filesystem=filesystem, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=False))
         finally:
             if group is not None:
                 current.scheduling_strategy, current.scheduling_strategy_large_args = saved[1:]
@@ -175,7 +175,8 @@ class RayDataFeed:
         """The epoch's Ray Dataset: ``image`` float32 (1, H, W), ``image_id``, ``label``."""
         wanted = np.sort(self.rows(epoch))
         labels = self._sorted_labels[np.searchsorted(self._sorted_ids, wanted)]
-        ds = (_read_parquet(str(self.shards.images_dir), group=self.group,
+        images = self.shards.images_dir
+        ds = (_read_parquet(images.path, filesystem=images.fs, group=self.group,
                             seed=_epoch_seed(self.plan.seed, epoch, 0))
               .select_columns(["image_id", "pixels"])
               .filter(expr=col("image_id").is_in(wanted.tolist())))  # pushed into the scan

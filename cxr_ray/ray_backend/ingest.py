@@ -22,6 +22,7 @@ import numpy as np
 import ray
 import ray.data
 
+from cxr_ray import storage
 from cxr_ray.data import decode
 from cxr_ray.data import prepare as prep
 from cxr_ray.ray_backend.session import ray_session
@@ -62,8 +63,10 @@ def _decode_and_write(plan: prep.PreparePlan, parts: Path) -> dict[str, float]:
     ds = ray.data.from_pandas(chunks)
     ds = ds.map_batches(decode.decode_batch, batch_format="pyarrow", batch_size=batch_size,
                         fn_kwargs={"size": size, "throttle_s": plan.config.throttle_s})
+    where = {"path": parts.path, "filesystem": parts.fs} \
+        if isinstance(parts, storage.Location) else {"path": str(parts)}
     ds.write_parquet(
-        str(parts), partition_cols=["status"], compression=prep.COMPRESSION,
+        **where, partition_cols=["status"], compression=prep.COMPRESSION,
         row_group_size=batch_size, use_dictionary=["source_mode"],
         write_statistics=["image_id", "patient_id"],
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxr_ray import models
+from cxr_ray import models, storage
 from cxr_ray.data import shards as shard_io
 from cxr_ray.data.cohorts import resolve_cohort
 from cxr_ray.errors import UserError
@@ -346,7 +346,8 @@ def plan_run(config: TrainConfig, run_dir: str | Path = "") -> RunPlan:
     if not init:  # fail early on a bad weights file, in the driver
         models.build_model(models.ModelConfig(**model_cfg))
     return RunPlan(
-        cohort=c.cohort, shards=str(shards.root.resolve()), image_size=size, model=model_cfg,
+        cohort=c.cohort, shards=str(c.shards) if storage.is_uri(c.shards) else str(shards.root),
+        image_size=size, model=model_cfg,
         optimizer=dataclasses.asdict(opt), policy=policy.to_dict(), epochs=c.epochs,
         batch_size=batch, worker_batch=worker_batch, workers=c.workers, steps_per_epoch=spe,
         train_images=n_train, test_images=n_test, val_images=n_val, seed=c.seed, augment=c.augment, amp=c.amp,
