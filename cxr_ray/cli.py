@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from cxr_ray import storage
 from cxr_ray.errors import UserError
 
 log = logging.getLogger("cxr_ray")
@@ -189,7 +190,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", type=Path, required=True,
                    help="data directory: images anywhere below it, metadata, split lists")
-    p.add_argument("--out", type=Path, required=True, help="shard directory (SHARDS)")
+    p.add_argument("--out", type=_location, required=True,
+                   help="shard directory (SHARDS), or an object-store URI (s3://bucket/shards)")
     p.add_argument("--size", type=int, default=224,
                    help="training resolution: images become SIZE×SIZE (default 224)")
     p.add_argument("--metadata", type=Path, default=None,
@@ -422,7 +424,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config, _parse_overrides(args.set))
     path = tune.run_sweep(recipe, resume=args.resume, address=args.address)
     print(f"report: {path}")
-    print(f"tensorboard: tensorboard --logdir {recipe.experiment_dir}")
+    if storage.is_uri(recipe.experiment_uri):
+        print(f"tensorboard: tensorboard --logdir {recipe.experiment_uri.partition('?')[0]} "
+              "(TensorBoard reads s3:// through boto3: pip install 'cxr-ray[s3]')")
+    else:
+        print(f"tensorboard: tensorboard --logdir {recipe.experiment_dir}")
     return 0
 
 
@@ -433,7 +439,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         description="Which policy reaches which accuracy, in how many epochs and how much "
         "compute: the study's Tables 5, 7, 8 (and 6) side by side with ours.",
     )
-    p.add_argument("--experiment", type=Path, required=True, help="the sweep's experiment dir")
+    p.add_argument("--experiment", type=_location, required=True,
+                   help="the sweep's experiment dir (or its s3:// URI)")
     p.add_argument("--target", default=None,
                    help="target accuracy: a fraction (0.8), 'constant' or 'stage1' "
                         "(default: the recipe's, else 'constant')")
@@ -443,9 +450,10 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from cxr_ray.sweep import report
 
+    experiment = _local_experiment(args.experiment)
     target = args.target
     if target is None:
-        stored = args.experiment / "recipe.json"
+        stored = experiment / "recipe.json"
         target = (json.loads(stored.read_text())["experiment"].get("target", "constant")
                   if stored.is_file() else "constant")
     elif target not in ("constant", "stage1"):
@@ -456,8 +464,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
                             "'stage1'") from None
         if not 0 < target <= 1:
             raise UserError(f"--target {target}: a fraction in (0, 1], e.g. 0.8 for 80 %")
-    path = report.write_report(args.experiment, target=target)
-    print(f"report: {path}")
+    path = report.write_report(experiment, target=target)
+    if storage.is_uri(args.experiment):
+        from cxr_ray.sweep import remote
+
+        remote.experiment_mirror(str(args.experiment)).push()
+        print(f"report: {args.experiment}/report/report.md (local copy: {path})")
+    else:
+        print(f"report: {path}")
     return 0
 
 
@@ -474,7 +488,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "cxr-ray predict --experiment demo-run/experiments/demo --images "
         "demo-run/data/images --out preds.csv --heatmaps heatmaps",
     )
-    p.add_argument("--experiment", type=Path, required=True, help="the sweep's experiment dir")
+    p.add_argument("--experiment", type=_location, required=True,
+                   help="the sweep's experiment dir (or its s3:// URI)")
     p.add_argument("--images", type=Path, required=True,
                    help="a directory of images (PNG, DICOM; recursive) or a text file listing "
                         "one path per line")
@@ -531,8 +546,9 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
         "then the best policy per cohort by test accuracy so far. Example: cxr-ray status "
         "--experiment demo-run/experiments/demo",
     )
-    p.add_argument("--experiment", type=Path, required=True,
-                   help="the sweep's experiment dir (storage_path/name of its recipe)")
+    p.add_argument("--experiment", type=_location, required=True,
+                   help="the sweep's experiment dir (storage_path/name of its recipe), or its "
+                        "s3:// URI")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=_cmd_status)
 
@@ -540,12 +556,27 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 def _cmd_status(args: argparse.Namespace) -> int:
     from cxr_ray.sweep import status
 
-    result = status.experiment_status(args.experiment)
+    result = status.experiment_status(_local_experiment(args.experiment))
     print(json.dumps(result, indent=2) if args.json else status.format_status(result))
     return 0
 
 
 # --------------------------------------------------------------------------- helpers
+def _location(text: str) -> Path | str:
+    """A local path, or an object-store URI kept as written (``s3://bucket/prefix``)."""
+    return text if storage.is_uri(text) else Path(text)
+
+
+def _local_experiment(experiment: Path | str) -> Path:
+    """An experiment directory to read: itself, or a local copy of what an object-store
+    experiment has committed (no checkpoints)."""
+    if storage.is_uri(experiment):
+        from cxr_ray.sweep import remote
+
+        return remote.pull_experiment(str(experiment))
+    return Path(experiment)
+
+
 def _metadata_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata", type=Path, default=None,
                    help="NIH metadata CSV or CSV.gz (default: the real Data_Entry_2017_v2020 "

@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_ray import metrics, stats
+from cxr_ray import metrics, stats, storage
 from cxr_ray.data import nih
 from cxr_ray.data.cohorts import resolve_cohort
 from cxr_ray.errors import UserError
+from cxr_ray.sweep import remote
 from cxr_ray.predict.engine import Predictor, write_overlay
 from cxr_ray.predict.inputs import list_inputs, read_input
 from cxr_ray.predict.select import CohortModel, is_anomaly_model, recipe_hash, select_models
@@ -60,10 +61,13 @@ class Provenance:
     experiment: str
     recipe_hash: str
     models: dict[str, CohortModel]
+    root: str = ""
+    """The experiment's local directory (its local copy for an object store), from which
+    checkpoints are named; default: ``experiment``."""
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        base = Path(self.experiment)
+        base = Path(self.root or self.experiment)
         for c, m in self.models.items():
             p = _prefix(c)
             out[f"{p}_threshold"] = m.threshold
@@ -164,8 +168,17 @@ def setup(experiment: str | Path, images: str | Path, *, cohorts: list[str] | No
           heatmap_cohorts: list[str] | None = None, heatmaps: str | None = None
           ) -> PredictSetup:
     """Resolve inputs, models, provenance and the heatmap cohorts (default: every cohort)."""
-    experiment = str(Path(experiment).expanduser().resolve())
-    chosen = select_models(experiment, cohorts)
+    uri = str(experiment) if storage.is_uri(experiment) else None
+    if uri:  # an object-store experiment: its committed files, then the chosen checkpoints
+        local = remote.pull_experiment(uri)
+        chosen = select_models(local, cohorts, kept_checkpoints=remote.committed_checkpoints(uri))
+        remote.pull_files(uri, [Path(m.checkpoint).relative_to(local).as_posix()
+                                for m in chosen.values()])
+        experiment = uri
+    else:
+        local = Path(experiment).expanduser().resolve()
+        experiment = str(local)
+        chosen = select_models(local, cohorts)
     inputs = list_inputs(images)
     if heatmap_cohorts and not heatmaps:
         raise UserError("--heatmap-cohorts needs --heatmaps DIR (where the overlays go)")
@@ -175,7 +188,7 @@ def setup(experiment: str | Path, images: str | Path, *, cohorts: list[str] | No
     if heatmaps and missing:
         raise UserError(f"--heatmap-cohorts {', '.join(missing)}: not among the predicted "
                         f"cohorts ({', '.join(chosen)})")
-    prov = Provenance(experiment, recipe_hash(Path(experiment)), chosen).fields()
+    prov = Provenance(experiment, recipe_hash(local), chosen, root=str(local)).fields()
     size = next(iter(chosen.values())).image_size
     return PredictSetup(experiment, inputs, chosen, prov, heatmap_names(inputs),
                         wanted if heatmaps else [], size)

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cxr_ray import paths
 from cxr_ray.data.cohorts import ONE_CLASS, resolve_cohort
@@ -61,9 +61,12 @@ def _candidates(runs: list[Run], cohort: str) -> list[Run]:
     return stage2 or [r for r in mine if r.trial.get("stage") == "stage1"]
 
 
-def select_models(experiment: str | Path, cohorts: list[str] | None = None
+def select_models(experiment: str | Path, cohorts: list[str] | None = None, *,
+                  kept_checkpoints: Callable[[Path], dict[int, Path]] = ck.kept_checkpoints
                   ) -> dict[str, CohortModel]:
-    """``{cohort: CohortModel}`` for ``cohorts`` (None: every cohort the experiment trained)."""
+    """``{cohort: CohortModel}`` for ``cohorts`` (None: every cohort the experiment trained).
+    ``kept_checkpoints(run_dir)``: the run's checkpoints by epoch (an object-store experiment
+    lists its committed ones before fetching the chosen)."""
     experiment = Path(experiment)
     runs = find_runs(experiment)
     if not runs:
@@ -91,7 +94,7 @@ def select_models(experiment: str | Path, cohorts: list[str] | None = None
                             "trials; the experiment predates validation splits, re-run it")
         best_acc = max(s[0] for s in scored)
         acc, run, rec = next(s for s in scored if s[0] == best_acc)
-        kept = ck.kept_checkpoints(run.path)
+        kept = kept_checkpoints(run.path)
         epoch = int(rec["epoch"])
         if epoch not in kept:
             raise UserError(f"{run.path}: the validation-selected epoch {epoch} has no kept "
@@ -103,7 +106,7 @@ def select_models(experiment: str | Path, cohorts: list[str] | None = None
             policy=str(run.trial.get("policy") or ""), seed=int(run.trial.get("seed") or 0),
             epoch=epoch, val_accuracy=float(acc),
             threshold=float(threshold) if threshold is not None else 0.5,
-            checkpoint=str(kept[epoch].resolve()),
+            checkpoint=str(Path(kept[epoch]).resolve()),
             image_size=int(run.plan.get("image_size") or 0))
     sizes = {m.image_size for m in out.values()}
     if len(sizes) > 1:

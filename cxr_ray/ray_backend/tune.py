@@ -36,8 +36,9 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-from cxr_ray import paths
+from cxr_ray import paths, storage
 from cxr_ray.data import shards as shard_io
+from cxr_ray.sweep import remote as sweep_remote
 from cxr_ray.sweep import capacity, report
 from cxr_ray.sweep.plan import TrialSpec, check_data, check_recipe, launcher_of, plan_trials
 from cxr_ray.sweep.recipe import Recipe
@@ -61,7 +62,7 @@ QUIET_TUNE_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_AIR_NEW_OUTPUT
 def _trial(config: dict[str, Any]) -> None:
     """The Tune function trainable: one trial, in its Tune actor."""
     spec = TrialSpec.from_dict(config["spec"])
-    experiment = Path(config["experiment"])
+    experiment = config["experiment"]  # a directory or an object-store URI
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     reported = []
 
@@ -78,11 +79,11 @@ def _trial(config: dict[str, Any]) -> None:
             make_feeds = data_feed.feeds
         threads = max(1, int(tune.get_context().get_trial_resources().required_resources
                              .get("CPU", 1)))
-        fit = functools.partial(runs.fit_in_process, on_epoch=on_epoch, make_feeds=make_feeds,
+        fit = functools.partial(runs.fit_in_process, make_feeds=make_feeds,
                                 threads=spec.train.get("threads") or threads)
     else:
         fit = functools.partial(train_launcher.fit, callbacks=[TuneReportCallback()])
-    metrics = run_trial(spec, experiment, fit, launcher=launcher)
+    metrics = run_trial(spec, experiment, fit, launcher=launcher, on_epoch=on_epoch)
     if not reported and launcher == "process":  # finished before: Tune still needs a result
         tune.report(metrics)
 
@@ -175,13 +176,20 @@ def _quiet_tune() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: Path) -> None:
-    """One Tune experiment: the stage's trials (resumed if Tune saved it before)."""
+def run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: Path,
+              mirror: storage.Mirror | None = None) -> None:
+    """One Tune experiment: the stage's trials (resumed if Tune saved it before).
+    ``mirror``: the experiment's own files, when it lives in an object store."""
     if not specs:
         return
     t0, started = time.perf_counter(), time.time()
     trainable = tune.with_resources(_trial, trial_resources)
-    path = experiment / paths.TUNE_DIR / stage
+    where = recipe.experiment_uri
+    if mirror is not None:  # Tune keeps its own state in the store (Ray syncs it)
+        head, sep, query = where.partition("?")
+        path = f"{head}/{paths.TUNE_DIR}/{stage}{sep}{query}"
+    else:
+        path = experiment / paths.TUNE_DIR / stage
     n = concurrency(recipe, specs[0].train)
     launcher = launcher_of(specs[0].train)
     log.info("%s: %d trials, %d at a time (%s)", stage, len(specs), n,
@@ -195,7 +203,7 @@ def run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: Pa
             tuner = tune.Tuner(
                 trainable,
                 param_space={"spec": tune.grid_search([s.to_dict() for s in specs]),
-                             "experiment": str(experiment),
+                             "experiment": where,
                              "trial_cpus": recipe.resources.trial_cpus},
                 tune_config=tune.TuneConfig(
                     max_concurrent_trials=n,
@@ -204,7 +212,7 @@ def run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: Pa
                     trial_name_creator=lambda t: t.config["spec"]["run_name"],
                     trial_dirname_creator=lambda t: t.config["spec"]["run_name"]),
                 run_config=tune.RunConfig(
-                    name=stage, storage_path=str(path.parent),
+                    name=stage, storage_path=_parent_uri(str(path)),
                     callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
                                _Progress(stage, len(specs))],
                     failure_config=tune.FailureConfig(max_failures=1), verbose=0),
@@ -213,6 +221,8 @@ def run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: Pa
     paths.append_jsonl(experiment / paths.SWEEP_LOG, {
         "stage": stage, "trials": len(specs), "concurrency": n, "launcher": launcher,
         "started": started, "wall_seconds": time.perf_counter() - t0, "cpus": cluster_cpus()})
+    if mirror is not None:
+        mirror.push()
     failed = [r for r in results if r.error is not None]
     if failed:
         first = failed[0]
@@ -220,24 +230,50 @@ def run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: Pa
                            f"{first.path}: {str(first.error).strip().splitlines()[-1]}")
 
 
+def _parent_uri(path: str) -> str:
+    """``storage_path`` of a Tune experiment at ``path`` (a directory or a URI with an
+    optional ``?query``)."""
+    head, sep, query = path.partition("?")
+    return f"{head.rsplit('/', 1)[0]}{sep}{query}"
+
+
 def run_sweep(recipe: Recipe, *, resume: bool = False, address: str | None = None) -> Path:
-    """Run (or resume) the whole sweep and write the report; returns report.md's path."""
-    experiment = recipe.experiment_dir
+    """Run (or resume) the whole sweep and write the report; returns report.md's path
+    (in the local copy when the experiment lives in an object store)."""
+    experiment, uri = recipe.experiment_dir, recipe.experiment_uri
+    mirror = sweep_remote.experiment_mirror(uri) if storage.is_uri(uri) else None
+    if mirror is not None:
+        storage.check_writable(mirror.remote)
+        mirror.pull()
     if resume and not (experiment / paths.RECIPE_FILE).is_file():
-        raise UserError(f"--resume: {experiment} holds no sweep to resume; run without --resume")
+        raise UserError(f"--resume: {uri} holds no sweep to resume; run without --resume")
     shard_io.open_shards(recipe.experiment.shards, expect_size=recipe.train.get("image_size"))
     stage1, stage2, comparison = plan_trials(recipe)
+    if mirror is not None:
+        ddp = [s.run_name for s in stage1 + stage2 + comparison
+               if launcher_of(s.train) != "process"]
+        if ddp:
+            raise UserError(f"{recipe.source}: storage_path {recipe.experiment.storage_path} is "
+                            f"an object store and {ddp[0]} trains on several Ray Train workers; "
+                            "with an object store every trial runs in its own Tune trial: set "
+                            "workers = 1 (in [train] and every stage), or use a shared mount")
     experiment.mkdir(parents=True, exist_ok=True)
     check_recipe(experiment, recipe)
     check_data(experiment, recipe)
+    if mirror is not None:
+        mirror.push()
     start = time.perf_counter()
     with ray_session(address):
         log.info("Ray: %s CPUs, %s GPUs", ray.cluster_resources().get("CPU", 0),
                  ray.cluster_resources().get("GPU", 0))
         for stage, specs in (("stage1", stage1), ("stage2", stage2),
                              ("comparison", comparison)):
-            run_stage(recipe, stage, specs, experiment)
+            run_stage(recipe, stage, specs, experiment, mirror)
+    if mirror is not None:
+        sweep_remote.pull_experiment(uri)
     path = report.write_report(experiment, target=recipe.experiment.target)
+    if mirror is not None:
+        mirror.push()
     log.info("sweep of %d trials done in %.0f s", len(stage1) + len(stage2) + len(comparison),
              time.perf_counter() - start)
     return path

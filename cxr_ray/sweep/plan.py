@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxr_ray import paths
+from cxr_ray import paths, storage
 from cxr_ray.errors import UserError
 from cxr_ray.sweep.recipe import BOUNDED_POLICIES, Recipe
 
@@ -85,7 +85,7 @@ def _combinations(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 def plan_trials(recipe: Recipe) -> tuple[list[TrialSpec], list[TrialSpec], list[TrialSpec]]:
     """Stage-1, stage-2 and comparison trials of a recipe, in a stable order."""
-    shared = {**recipe.train, "shards": str(Path(recipe.experiment.shards).expanduser().resolve())}
+    shared = {**recipe.train, "shards": _shards_location(recipe.experiment.shards)}
     s1_axes = _combinations(recipe.stage1_grid)
     s2_grid = {k: v for k, v in recipe.grid.items() if k != "policy"}
     for key in s2_grid:
@@ -153,6 +153,11 @@ def check_recipe(experiment: Path, recipe: Recipe) -> None:
         paths.write_json(stored, current)
 
 
+def _shards_location(shards: str | Path) -> str:
+    """A shard set's location as trials open it: a URI as written, a path made absolute."""
+    return str(shards) if storage.is_uri(shards) else str(Path(shards).expanduser().resolve())
+
+
 def data_record(shards: str | Path) -> dict[str, Any]:
     """What made an experiment's data: the shard set's inputs fingerprint, its metadata file
     and that file's sha256, the split mode, split seed and fractions (from its manifest)."""
@@ -160,7 +165,7 @@ def data_record(shards: str | Path) -> dict[str, Any]:
 
     manifest = shard_io.open_shards(shards).manifest
     source = manifest.get("source") or {}
-    return {"shards": str(Path(shards).expanduser().resolve()),
+    return {"shards": _shards_location(shards),
             "inputs_fingerprint": manifest.get("inputs_fingerprint"),
             "metadata": source.get("metadata"), "metadata_sha256": source.get("metadata_sha256"),
             "split_seed": source.get("split_seed"), "size": manifest.get("size"),

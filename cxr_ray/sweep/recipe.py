@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxr_ray import storage
 from cxr_ray.data import cohorts
 from cxr_ray.optim import lr_finder, schedules
 from cxr_ray.errors import UserError
@@ -177,8 +178,20 @@ class Recipe:
         return [cohorts.resolve_cohort(c) for c in value]
 
     @property
+    def experiment_uri(self) -> str:
+        """Where the experiment lives: ``storage_path/name``, a local directory or an
+        object-store URI (``s3://bucket/prefix/name``)."""
+        base = str(self.experiment.storage_path)
+        if storage.is_uri(base):
+            head, sep, query = base.partition("?")
+            return f"{head.rstrip('/')}/{self.experiment.name}{sep}{query}"
+        return str((Path(base).expanduser() / self.experiment.name).resolve())
+
+    @property
     def experiment_dir(self) -> Path:
-        return (Path(self.experiment.storage_path).expanduser() / self.experiment.name).resolve()
+        """The experiment's local directory: itself, or the local copy of an object-store
+        experiment (:mod:`cxr_ray.sweep.remote`)."""
+        return storage.local_path(self.experiment_uri)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -277,11 +290,8 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
     if not experiment.shards:
         raise UserError(f"{where('experiment')} shards: required (a cxr-ray prepare output)")
     for key in ("storage_path", "shards"):
-        if "://" in str(getattr(experiment, key)):
-            raise UserError(f"{where('experiment')} {key}: {getattr(experiment, key)!r} is a "
-                            "URI; use a directory (local, or a shared mount such as "
-                            "/mnt/shared on a cluster): cxr-ray reads and writes it with "
-                            "plain file I/O")
+        if storage.is_uri(getattr(experiment, key)):
+            storage.check_uri(getattr(experiment, key), f"{where('experiment')} {key}")
     if experiment.cohorts != "all":
         if not isinstance(experiment.cohorts, list) or not experiment.cohorts:
             raise UserError(f"{where('experiment')} cohorts: \"all\" or a non-empty list")

@@ -4,6 +4,10 @@ Idempotent: a finished trial (its ``trial.json``, written last) returns the metr
 there without touching its run; an unfinished one resumes from its last checkpoint (the
 launcher's own resume). So a trial that Tune restarts after a driver kill, or retries after
 a failure (``FailureConfig``), costs only what it had not done.
+
+An experiment in an object store (:mod:`cxr_ray.sweep.remote`): the trial first makes its
+local copy of its run (and, in stage 2, of its stage-1 run) equal to the last commit, trains
+there, commits the run after every epoch's checkpoint, and commits ``trial.json`` last.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
-from cxr_ray import paths
+from cxr_ray import paths, storage
+from cxr_ray.sweep import remote
 from cxr_ray.sweep.plan import TrialSpec
 from cxr_ray.train import LrFindSpec, TrainConfig, TrainSummary
 from cxr_ray.train.config import SELECTION_ACCURACY
@@ -24,10 +29,11 @@ log = logging.getLogger(__name__)
 
 class Fit(Protocol):
     """A launcher: train ``config`` as ``storage_path/name`` (resuming), then the LR range
-    test ``lr_find`` if given; the run's summary."""
+    test ``lr_find`` if given; the run's summary. ``on_epoch`` (the in-trial launcher only)
+    is called after every epoch's checkpoint."""
 
     def __call__(self, config: TrainConfig, *, storage_path: Path, name: str,
-                 lr_find: LrFindSpec | None) -> TrainSummary: ...
+                 lr_find: LrFindSpec | None, **on_epoch: Any) -> TrainSummary: ...
 
 
 def trial_config(spec: TrialSpec, experiment: Path) -> TrainConfig:
@@ -60,8 +66,31 @@ def finished_metrics(spec: TrialSpec, experiment: Path) -> dict[str, Any] | None
     return done["metrics"] if done else None
 
 
-def run_trial(spec: TrialSpec, experiment: Path, fit: Fit, *, launcher: str) -> dict[str, Any]:
-    """Train one trial (and its LR range test) with ``fit``; its final metrics."""
+def _pull(spec: TrialSpec, uri: str) -> tuple[storage.Mirror, list[storage.Mirror]]:
+    """An object-store experiment: this trial's run (and LR range test) folders made equal to
+    their last commit, and stage 2's stage-1 run fetched; (the run's mirror, the others this
+    trial writes)."""
+    own = remote.run_mirror(uri, f"{spec.stage}/{spec.run_name}")
+    own.pull()
+    writes = []
+    if spec.lr_find is not None:
+        writes.append(remote.run_mirror(uri, f"{paths.LR_FIND_DIR}/{spec.run_name}"))
+        writes[-1].pull()
+    if spec.stage == "stage2":
+        remote.run_mirror(uri, f"stage1/{spec.stage1_run}", skip=(f"{paths.TB_DIR}/",)).pull()
+        remote.run_mirror(uri, f"{paths.LR_FIND_DIR}/{spec.stage1_run}").pull()
+    return own, writes
+
+
+def run_trial(spec: TrialSpec, experiment: str | Path, fit: Fit, *, launcher: str,
+              on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train one trial (and its LR range test) with ``fit``; its final metrics.
+    ``experiment``: a local directory or an object-store URI."""
+    uri = str(experiment) if storage.is_uri(experiment) else None
+    experiment = storage.local_path(experiment)
+    own, writes = _pull(spec, uri) if uri else (None, [])
+    if own is not None and paths.TRIAL_FILE not in own.committed():
+        (own.local / paths.TRIAL_FILE).unlink(missing_ok=True)  # never committed: not done
     stored = finished_metrics(spec, experiment)
     if stored is not None:  # finished before a driver restart: Tune may not have recorded it
         log.info("%s/%s finished before; not re-run", spec.stage, spec.run_name)
@@ -72,8 +101,16 @@ def run_trial(spec: TrialSpec, experiment: Path, fit: Fit, *, launcher: str) -> 
     if spec.lr_find is not None:
         lr_find = LrFindSpec(out=str(paths.lr_find_dir(experiment, spec.run_name)),
                              settings=dict(spec.lr_find))
+
+    def after_epoch(metrics: dict[str, Any]) -> None:
+        if on_epoch is not None:
+            on_epoch(metrics)
+        if own is not None:
+            own.push()  # the epoch's checkpoint committed
+
+    hooks = {"on_epoch": after_epoch} if launcher == "process" else {}
     summary = fit(config, storage_path=experiment / spec.stage, name=spec.run_name,
-                  lr_find=lr_find)
+                  lr_find=lr_find, **hooks)
     plan = summary.plan or {}
     step_size_epochs = config.step_size_epochs
     if spec.stage == "stage2" and step_size_epochs is None:
@@ -110,6 +147,10 @@ def run_trial(spec: TrialSpec, experiment: Path, fit: Fit, *, launcher: str) -> 
         found = paths.read_json(Path(lr_find.out) / paths.LR_FIND_FILE) or {}
         log.info("%s: LR range test suggests base %.3g, max %.3g", spec.run_name,
                  found.get("base_lr", math.nan), found.get("max_lr", math.nan))
+    for mirror in writes:  # the LR range test committed before the trial's end
+        mirror.push()
     paths.write_json(paths.run_dir(experiment, spec.stage, spec.run_name) / paths.TRIAL_FILE,
                      trial)  # written last: its presence marks a finished trial
+    if own is not None:
+        own.push()
     return trial["metrics"]

@@ -156,9 +156,18 @@ def test_stage2_by_cohort_overrides_follow_table8():
                            {"stage2.by_cohort": {"Atelectassis": {"epochs": 3}}})
 
 
-def test_uri_storage_is_refused_with_the_fix():
-    with pytest.raises(UserError, match=r"storage_path: 's3://bucket/x' is a URI; use a directory"):
-        config.load_recipe(JOBS / "demo.toml", {"experiment.storage_path": "s3://bucket/x"})
+def test_object_store_uris_are_accepted_and_bad_ones_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXR_RAY_CACHE", str(tmp_path))
+    recipe = config.load_recipe(JOBS / "demo.toml", {
+        "experiment.storage_path": "s3://bucket/x?endpoint_override=127.0.0.1:9&scheme=http",
+        "experiment.shards": "s3://bucket/shards"})
+    assert recipe.experiment_uri == \
+        "s3://bucket/x/demo?endpoint_override=127.0.0.1:9&scheme=http"
+    assert recipe.experiment_dir.is_relative_to(tmp_path)  # its local copy
+    for bad in ("s3:///nobucket", "ftp://host/x"):
+        with pytest.raises(UserError, match=r"\[experiment\] storage_path '.*': not a storage "
+                                            r"URI cxr-ray can open"):
+            config.load_recipe(JOBS / "demo.toml", {"experiment.storage_path": bad})
 
 
 def test_stop_at_is_a_number_or_stage1_plus_a_margin(tmp_path):
