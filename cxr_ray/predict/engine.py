@@ -32,9 +32,11 @@ from cxr_ray.train import checkpoint as ck
 MIN_CAM_SIDE = 7
 
 
-def load_model(model: CohortModel, device: torch.device) -> models.CxrClassifier:
-    """A cohort's classifier from its checkpoint, in eval mode on ``device``."""
-    ckpt = ck.load_checkpoint(model.checkpoint)
+def load_model(model: CohortModel, device: torch.device,
+               data: bytes | None = None) -> models.CxrClassifier:
+    """A cohort's classifier from its checkpoint (or that file's bytes), in eval mode on
+    ``device``."""
+    ckpt = ck.load_checkpoint(model.checkpoint, data)
     cfg = {**ckpt["model"], "weights": None, "pretrained": False}  # the checkpoint has them
     net = models.build_model(models.ModelConfig(**cfg))
     net.load_state_dict(ckpt["model_state"])
@@ -80,13 +82,14 @@ class Predictor:
     """The chosen models of several cohorts (see the module docstring)."""
 
     def __init__(self, chosen: dict[str, CohortModel], *, device: str | torch.device = "cpu",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, blobs: dict[str, bytes] | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.chosen = dict(chosen)
         self.size = next(iter(chosen.values())).image_size
-        self.models = {c: load_model(m, self.device) for c, m in chosen.items()}
+        blobs = blobs or {}
+        self.models = {c: load_model(m, self.device, blobs.get(c)) for c, m in chosen.items()}
         self._cam: dict[str, Any] = {}
 
     def inputs(self, pixels: np.ndarray) -> torch.Tensor:

@@ -7,6 +7,10 @@ cohort's model loaded once per actor; one GPU per actor when the cluster has GPU
 CPU and one torch thread each, as many actors as CPUs) → the rows gathered in input order
 and written by :func:`cxr_ray.predict.output.finish`, which checks one row per input.
 
+The chosen checkpoints are read once by the driver and reach the actors through Ray's object
+store, so the experiment may be a local folder of the driver or an ``s3://`` URI (whose
+chosen checkpoints the driver fetches) whatever node an actor lands on.
+
 Heatmap overlays are written by the actors straight into ``--heatmaps`` (a path every node
 can reach: local on one machine, the shared file system on a cluster).
 """
@@ -48,9 +52,12 @@ class PredictActor:
 
     def __init__(self, models: dict[str, dict[str, Any]], provenance: dict[str, Any],
                  heatmaps: str | None, heatmap_cohorts: list[str], device: str,
-                 threads: int) -> None:
+                 threads: int, weights: dict[str, Any]) -> None:
         chosen = {c: CohortModel(**m) for c, m in models.items()}
-        self.predictor = Predictor(chosen, device=device, threads=threads)
+        # The checkpoints' bytes come through the object store: an actor on another node
+        # needs neither the experiment's folder nor the store's credentials.
+        blobs = dict(zip(weights, ray.get(list(weights.values()))))
+        self.predictor = Predictor(chosen, device=device, threads=threads, blobs=blobs)
         self.provenance = provenance
         self.heatmaps = heatmaps
         self.heatmap_cohorts = heatmap_cohorts
@@ -86,6 +93,7 @@ def predict(experiment: str | Path, images: str | Path, out: str | Path, *,
         log.info("predict: %d inputs, %d cohort model(s), %d actor(s) with %s each",
                  len(s.inputs), len(s.models), n, "a GPU" if gpus else "one CPU")
         t0 = time.perf_counter()
+        weights = {c: ray.put(Path(m.checkpoint).read_bytes()) for c, m in s.models.items()}
         ds = ray.data.from_items(
             [{"row": i, "image": p, "name": name}
              for i, (p, name) in enumerate(zip(s.inputs, s.names))],
@@ -98,7 +106,7 @@ def predict(experiment: str | Path, images: str | Path, out: str | Path, *,
                 "models": {c: m.to_dict() for c, m in s.models.items()},
                 "provenance": s.provenance, "heatmaps": heatmaps,
                 "heatmap_cohorts": s.heatmap_cohorts, "device": "cuda" if gpus else "cpu",
-                "threads": 1}, **per_actor)
+                "threads": 1, "weights": weights}, **per_actor)
         frame = ds.to_pandas().sort_values("row")
         log.info("predict: %d rows in %.1f s", len(frame), time.perf_counter() - t0)
     rows = frame.drop(columns=["row"]).to_dict("records")

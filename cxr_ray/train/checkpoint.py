@@ -19,6 +19,7 @@ writes (and prunes) them through ``ray.train.report``; an in-process run through
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -59,11 +60,13 @@ def checkpoint_dict(*, plan: dict[str, Any], model: torch.nn.Module,
     }
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a ``checkpoint.pt`` (``weights_only=True``) or a :class:`UserError` saying why not."""
+def load_checkpoint(path: str | Path, data: bytes | None = None) -> dict[str, Any]:
+    """Read a ``checkpoint.pt`` (``weights_only=True``) or a :class:`UserError` saying why not.
+    ``data``: the file's bytes, already read elsewhere (``path`` then only names it)."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu",
+                          weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path}: no such file") from None
     except Exception as exc:  # unpickling errors come in many types
