@@ -84,7 +84,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         description="Sample real rows of the NIH metadata and draw a synthetic but learnable "
         "chest-like PNG for each: DIR/images/*.png, DIR/Data_Entry_2017.csv, split lists.",
     )
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", type=_local_dir, required=True, help="output directory")
     p.add_argument("--per-class", type=int, default=40,
                    help="images sampled per finding (and for No Finding); default 40")
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
@@ -257,7 +257,7 @@ def _train_flags(p: argparse.ArgumentParser, *, epochs_help: str | None = None) 
     from cxr_ray.config_flags import add_dataclass_flags
     from cxr_ray.train import TrainConfig
 
-    p.add_argument("--out", type=Path, required=True,
+    p.add_argument("--out", type=_local_dir, required=True,
                    help="run directory: checkpoints, history.jsonl, tensorboard/ (re-running "
                         "the same command on it resumes)")
     actions = add_dataclass_flags(p, TrainConfig, skip=_NOT_FLAGS,
@@ -493,7 +493,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=Path, required=True,
                    help="a directory of images (PNG, DICOM; recursive) or a text file listing "
                         "one path per line")
-    p.add_argument("--out", type=Path, required=True, help="the predictions CSV to write")
+    p.add_argument("--out", type=_local_dir, required=True, help="the predictions CSV to write")
     p.add_argument("--cohorts", nargs="+", default=None,
                    help="cohorts to predict (default: every cohort the experiment trained)")
     p.add_argument("--heatmaps", type=Path, default=None,
@@ -565,6 +565,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _location(text: str) -> Path | str:
     """A local path, or an object-store URI kept as written (``s3://bucket/prefix``)."""
     return text if storage.is_uri(text) else Path(text)
+
+
+def _local_dir(text: str) -> Path:
+    """A local path; a URI is refused in one line (only a sweep's ``storage_path``,
+    ``--experiment`` and shard sets live in object stores)."""
+    if storage.is_uri(text):
+        raise argparse.ArgumentTypeError(
+            f"{text}: a local path here; object stores hold shard sets (prepare --out) and "
+            "sweep experiments (storage_path = \"s3://...\" in the recipe)")
+    return Path(text)
 
 
 def _local_experiment(experiment: Path | str) -> Path:
