@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -236,14 +237,22 @@ class Mirror:
                  first: Iterable[str] = ("checkpoint_",)) -> None:
         self.remote, self.local = remote, Path(local)
         self.skip, self.first = tuple(skip), tuple(first)
+        self.writer = secrets.token_hex(8)
         self._committed: dict[str, dict[str, int]] | None = None
+        self._seen: str | None = None  # the writer of the commit read last
 
     def committed(self) -> dict[str, dict[str, int]]:
         """The files of the remote folder's last commit (none when it has none)."""
         if self._committed is None:
             data = (self.remote / SYNC_FILE).read_json() or {}
             self._committed = dict(data.get("files", {}))
+            self._seen = data.get("writer")
         return self._committed
+
+    def refresh(self) -> None:
+        """Take the remote folder's current commit as the one to build on (its owner hands
+        the folder back after another process, e.g. a Ray Train rank 0, committed to it)."""
+        self._committed = None
 
     def pull(self, only: Iterable[str] | None = None) -> bool:
         """Make the local copy equal to the last commit (``only``: just these prefixes);
@@ -271,18 +280,32 @@ class Mirror:
 
     def push(self) -> int:
         """Upload what changed, commit, delete what the commit no longer lists; the number
-        of files uploaded."""
-        old = self.committed()
+        of files uploaded.
+
+        Fencing: a writer whose folder has been committed by another writer since it last
+        read or wrote the commit (a resumed run, while this one was presumed dead) stops with
+        :class:`TakenOver` instead of overwriting the newer commit."""
+        self.committed()
+        current = (self.remote / SYNC_FILE).read_json() or {}
+        if current.get("writer") not in (None, self.writer, self._seen):
+            raise TakenOver(f"{self.remote} was committed by another writer since this one "
+                            "last read it (a resumed or retried run); this one stops")
+        old = dict(current.get("files", {}))
         have = _local_files(self.local, self.skip)
         new = {rel: {"size": st.st_size, "mtime_ns": st.st_mtime_ns} for rel, st in have.items()}
         changed = [rel for rel, rec in new.items() if old.get(rel) != rec]
         changed.sort(key=lambda rel: (not rel.startswith(self.first), rel))
         for rel in changed:
             (self.remote / rel).upload(self.local / rel)
-        if changed or set(old) != set(new) or not (self.remote / SYNC_FILE).is_file():
+        if changed or set(old) != set(new) or current.get("writer") != self.writer:
             (self.remote / SYNC_FILE).write_text(json.dumps(
-                {"files": new, "time": time.time()}, indent=1, sort_keys=True))
+                {"files": new, "time": time.time(), "writer": self.writer}, indent=1,
+                sort_keys=True))
         for rel in set(old) - set(new):
             (self.remote / rel).delete()
-        self._committed = new
+        self._committed, self._seen = new, self.writer
         return len(changed)
+
+
+class TakenOver(RuntimeError):
+    """Another writer committed to a mirrored folder under this one (see :meth:`Mirror.push`)."""

@@ -89,6 +89,25 @@ def test_what_a_killed_writer_sent_after_its_last_commit_is_never_read(remote, t
     assert not storage.Mirror(storage.locate(remote) / "nothing", tmp_path / "empty").pull()
 
 
+def test_a_writer_presumed_dead_cannot_overwrite_the_run_that_took_over(remote, tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "history.jsonl").write_text("1\n")
+    zombie = storage.Mirror(storage.locate(remote), tmp_path / "old")
+    zombie.push()
+    resumed = storage.Mirror(storage.locate(remote), tmp_path / "new")
+    resumed.pull()
+    (tmp_path / "new" / "history.jsonl").write_text("1\n2\n")
+    resumed.push()  # builds on the zombie's commit: allowed
+    (tmp_path / "old" / "history.jsonl").write_text("1\nX\n")
+    with pytest.raises(storage.TakenOver, match="committed by another writer"):
+        zombie.push()
+    assert (storage.locate(remote) / "history.jsonl").read_text() == "1\n2\n"
+    # an owner that handed the folder to another process takes it back deliberately
+    zombie.refresh()
+    zombie.push()
+    assert (storage.locate(remote) / "history.jsonl").read_text() == "1\nX\n"
+
+
 def test_skipped_prefixes_belong_to_other_writers(remote, tmp_path):
     exp = tmp_path / "driver"
     (exp / "stage1" / "run").mkdir(parents=True)
