@@ -22,6 +22,14 @@ Train restart the group from that checkpoint (``FailureConfig(max_failures)``); 
 epoch is redone, rank 0 rewrites history.jsonl / steps.csv from the checkpoint, and
 TensorBoard discards the redone steps (``purge_step``). On a multi-node cluster the run
 directory must be storage every node sees, like the shard set.
+
+A run of an object-store experiment (a sweep with ``storage_path = "s3://..."``, ``remote``
+below) keeps cxr-ray's own files the same way the in-trial launcher does
+(:mod:`cxr_ray.sweep.remote`): rank 0 makes its local copy of the run equal to the last
+commit, keeps its checkpoints there (:class:`~cxr_ray.train.checkpoint.CheckpointStore`),
+commits the run after every epoch and the LR range test at the end; Ray Train's own storage
+(which must be reachable from every node) is the run's ``.ray_train/`` folder in the store,
+and its reports carry metrics only. The trial then pulls the committed run to finish it.
 """
 
 from __future__ import annotations
@@ -63,12 +71,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if plan.gpu and device.type != "cuda":
         device = runs.device_for(True)  # one-line error (or the test-only CPU fallback)
 
+    mirrors = _remote_mirrors(config.get("remote"), plan) if rank == 0 else {}
+    if "run" in mirrors:  # an object-store run: the last commit is the truth
+        mirrors["run"].pull()
+        store = ck.CheckpointStore(Path(plan.run_dir), keep=config["keep_checkpoints"],
+                                   metric=config["checkpoint_metric"],
+                                   mode=SCORE_METRICS[config["checkpoint_metric"]])
+    if "lr_find" in mirrors:
+        mirrors["lr_find"].pull()
+
     def last_checkpoint() -> dict[str, Any] | None:
         # [2] The checkpoint Ray Train restores after a restart or a driver re-run; or a
         # newer one in the run directory that Ray Train had persisted but not yet registered
         # when the run was killed (the run's checkpoint files are the source of truth).
         restored = None
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = ray.train.get_checkpoint() if not config.get("remote") else None
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 restored = ck.load_checkpoint(Path(folder) / paths.CHECKPOINT_FILE)
@@ -86,6 +103,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         name = paths.checkpoint_dir_name(metrics["epoch"])
         if rank != 0:
             ray.train.report(scored, checkpoint=None, checkpoint_dir_name=name)
+            return
+        if "run" in mirrors:  # cxr-ray keeps and commits the checkpoint itself
+            store.save(make_checkpoint())
+            ray.train.report(scored, checkpoint=None, checkpoint_dir_name=name)
+            mirrors["run"].push()
             return
         with tempfile.TemporaryDirectory() as folder:
             import torch
@@ -111,17 +133,50 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     lr_find = LrFindSpec(**config["lr_find"]) if config.get("lr_find") else None
     runs.run_rank(plan, ctx, train_feed, eval_feeds,
                   checkpoint_metric=config["checkpoint_metric"], lr_find=lr_find)
+    for mirror in mirrors.values():  # the LR range test and the run's last files committed
+        mirror.push()
+
+
+def _remote_mirrors(remote: dict[str, str] | None, plan: RunPlan) -> dict[str, Any]:
+    """Rank 0's mirrors of an object-store run: ``run`` (and ``lr_find``), see the module
+    docstring; none for a run in a directory."""
+    if not remote:
+        return {}
+    from cxr_ray.sweep import remote as sweep_remote
+
+    out = {"run": sweep_remote.run_mirror(remote["uri"], remote["run"],
+                                          skip=(f"{sweep_remote.RAY_TRAIN_DIR}/",))}
+    if remote.get("lr_find"):
+        out["lr_find"] = sweep_remote.run_mirror(remote["uri"], remote["lr_find"])
+    return out
+
+
+def _pull_committed(remote: dict[str, str] | None, plan: RunPlan) -> None:
+    """After a fit of an object-store run: what rank 0 committed, wherever it ran."""
+    for mirror in _remote_mirrors(remote, plan).values():
+        mirror.pull()
+
 
 
 def trainer(config: TrainConfig, plan: RunPlan, run_dir: Path, *,
-            lr_find: LrFindSpec | None = None, callbacks: list[Any] | None = None
-            ) -> TorchTrainer:
-    """The ``TorchTrainer`` of a planned run (call inside a Ray session)."""
+            lr_find: LrFindSpec | None = None, callbacks: list[Any] | None = None,
+            remote: dict[str, str] | None = None) -> TorchTrainer:
+    """The ``TorchTrainer`` of a planned run (call inside a Ray session). ``remote``: the
+    run of an object-store experiment, ``{"uri": experiment URI, "run": "stage/run",
+    "lr_find": "lr_find/run" or absent}``."""
     cpus, plan.threads = cpu_split(config, plan.workers, plan.gpu,
                                    float(ray.cluster_resources().get("CPU", 1)))
     loop_config: dict[str, Any] = {"plan": plan.to_dict(),
                                    "checkpoint_metric": config.checkpoint_metric,
-                                   "lr_find": lr_find.__dict__ if lr_find else None}
+                                   "keep_checkpoints": config.keep_checkpoints,
+                                   "lr_find": lr_find.__dict__ if lr_find else None,
+                                   "remote": remote}
+    storage_path, name = str(run_dir.parent), run_dir.name
+    if remote:
+        head, sep, query = remote["uri"].partition("?")
+        from cxr_ray.sweep.remote import RAY_TRAIN_DIR
+
+        storage_path, name = f"{head}/{remote['run']}{sep}{query}", RAY_TRAIN_DIR
     if plan.augment_on == "trainer":  # the splits in the object store; the workers shard them
         sh = shard_io.open_shards(plan.shards)
         loop_config["data"] = {split: ray.put(shard_io.read_split(sh, plan.cohort, split))
@@ -136,7 +191,7 @@ def trainer(config: TrainConfig, plan: RunPlan, run_dir: Path, *,
         scaling_config=ray.train.ScalingConfig(num_workers=plan.workers, use_gpu=plan.gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent), callbacks=callbacks or [],
+            name=name, storage_path=storage_path, callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.keep_checkpoints,
@@ -145,27 +200,31 @@ def trainer(config: TrainConfig, plan: RunPlan, run_dir: Path, *,
 
 
 def fit(config: TrainConfig, *, storage_path: str | Path, name: str, resume: bool = True,
-        lr_find: LrFindSpec | None = None, callbacks: list[Any] | None = None
-        ) -> runs.TrainSummary:
+        lr_find: LrFindSpec | None = None, callbacks: list[Any] | None = None,
+        remote: dict[str, str] | None = None) -> runs.TrainSummary:
     """Train ``config`` as the run ``storage_path/name`` under Ray Train; a re-run resumes
     it. Joins the initialised Ray, else ``config.address``/``RAY_ADDRESS``, else starts a
-    local one. ``callbacks``: Ray Train ``UserCallback``s (a Tune trial's report bridge)."""
+    local one. ``callbacks``: Ray Train ``UserCallback``s (a Tune trial's report bridge).
+    ``remote``: see :func:`trainer` (the caller has pulled the run's last commit)."""
     t0, started = time.perf_counter(), time.time()
     run_dir = Path(storage_path).expanduser().resolve() / name
     plan, done = runs.open_run(config, run_dir, resume)
     history = paths.read_jsonl(run_dir / paths.HISTORY_FILE)
     if not plan.finished(history) or (lr_find is not None and not lr_find.done):
         with ray_session(config.address):
-            fitter = trainer(config, plan, run_dir, lr_find=lr_find, callbacks=callbacks)
+            fitter = trainer(config, plan, run_dir, lr_find=lr_find, callbacks=callbacks,
+                             remote=remote)
             try:
                 fitter.fit()
             except ray.train.TrainingFailedError as exc:
+                _pull_committed(remote, plan)
                 lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
                 cause = lines[-1] if lines else type(exc).__name__
                 done_now = len(paths.read_jsonl(run_dir / paths.HISTORY_FILE))
                 raise UserError(f"training failed after epoch {done_now} of {plan.epochs} "
                                 f"({cause}); re-run the same command to resume from the last "
                                 "checkpoint") from exc
+            _pull_committed(remote, plan)
     return runs.finish_run(config, plan, run_dir, done, t0=t0, started=started,
                            launcher="ray_train")
 

@@ -249,14 +249,6 @@ def run_sweep(recipe: Recipe, *, resume: bool = False, address: str | None = Non
         raise UserError(f"--resume: {uri} holds no sweep to resume; run without --resume")
     shard_io.open_shards(recipe.experiment.shards, expect_size=recipe.train.get("image_size"))
     stage1, stage2, comparison = plan_trials(recipe)
-    if mirror is not None:
-        ddp = [s.run_name for s in stage1 + stage2 + comparison
-               if launcher_of(s.train) != "process"]
-        if ddp:
-            raise UserError(f"{recipe.source}: storage_path {recipe.experiment.storage_path} is "
-                            f"an object store and {ddp[0]} trains on several Ray Train workers; "
-                            "with an object store every trial runs in its own Tune trial: set "
-                            "workers = 1 (in [train] and every stage), or use a shared mount")
     experiment.mkdir(parents=True, exist_ok=True)
     check_recipe(experiment, recipe)
     check_data(experiment, recipe)

@@ -22,6 +22,9 @@ from cxr_ray import paths, storage
 
 #: Folders below an experiment that other writers own (the driver's mirror leaves them).
 OTHER_WRITERS = tuple(f"{name}/" for name in (*paths.STAGES, paths.LR_FIND_DIR, paths.TUNE_DIR))
+#: Ray Train's own storage inside a run of an object-store experiment (its marker and state
+#: files; cxr-ray's files and checkpoints are the run's, committed by rank 0).
+RAY_TRAIN_DIR = ".ray_train"
 #: What a report or status reader does not need from a run.
 BULKY = (paths.CHECKPOINT_PREFIX, f"{paths.TB_DIR}/")
 

@@ -70,7 +70,7 @@ def _pull(spec: TrialSpec, uri: str) -> tuple[storage.Mirror, list[storage.Mirro
     """An object-store experiment: this trial's run (and LR range test) folders made equal to
     their last commit, and stage 2's stage-1 run fetched; (the run's mirror, the others this
     trial writes)."""
-    own = remote.run_mirror(uri, f"{spec.stage}/{spec.run_name}")
+    own = remote.run_mirror(uri, f"{spec.stage}/{spec.run_name}", skip=(f"{remote.RAY_TRAIN_DIR}/",))
     own.pull()
     writes = []
     if spec.lr_find is not None:
@@ -108,7 +108,12 @@ def run_trial(spec: TrialSpec, experiment: str | Path, fit: Fit, *, launcher: st
         if own is not None:
             own.push()  # the epoch's checkpoint committed
 
-    hooks = {"on_epoch": after_epoch} if launcher == "process" else {}
+    if launcher == "process":
+        hooks: dict[str, Any] = {"on_epoch": after_epoch}
+    else:  # rank 0 of the TorchTrainer commits the run and its LR range test itself
+        hooks = {"remote": {"uri": uri, "run": f"{spec.stage}/{spec.run_name}",
+                            **({"lr_find": f"{paths.LR_FIND_DIR}/{spec.run_name}"}
+                               if spec.lr_find is not None else {})}} if uri else {}
     summary = fit(config, storage_path=experiment / spec.stage, name=spec.run_name,
                   lr_find=lr_find, **hooks)
     plan = summary.plan or {}
@@ -148,9 +153,11 @@ def run_trial(spec: TrialSpec, experiment: str | Path, fit: Fit, *, launcher: st
         log.info("%s: LR range test suggests base %.3g, max %.3g", spec.run_name,
                  found.get("base_lr", math.nan), found.get("max_lr", math.nan))
     for mirror in writes:  # the LR range test committed before the trial's end
+        mirror.refresh()
         mirror.push()
     paths.write_json(paths.run_dir(experiment, spec.stage, spec.run_name) / paths.TRIAL_FILE,
                      trial)  # written last: its presence marks a finished trial
     if own is not None:
+        own.refresh()
         own.push()
     return trial["metrics"]

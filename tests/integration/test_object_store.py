@@ -1,5 +1,6 @@
 """An experiment that lives in an object store, end to end, against an S3-compatible server
 (moto) on 127.0.0.1: ``prepare --out s3://…``, a tiny sweep with ``storage_path = "s3://…"``
+(stage 1 as 2-rank Ray Train fits with their LR range tests, stage 2 in the Tune trials)
 whose driver is killed (SIGKILL) once a stage-2 trial has finished and another is part-way,
 the resume from another machine's point of view (an empty local cache), then ``report`` and
 ``predict`` on the ``s3://`` experiment.
@@ -51,6 +52,7 @@ keep_checkpoints = 1
 [stage1]
 preset = "paper"
 epochs = 2
+workers = 2              # 2-rank DDP under Ray Train: rank 0 commits the run to the store
 
 [lr_find]
 num_steps = 12
@@ -75,6 +77,29 @@ def _cli(args: list[str], env: dict[str, str], timeout: float = 600) -> str:
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
     assert proc.returncode == 0, f"cxr-ray {' '.join(args)} failed:\n{proc.stdout[-4000:]}"
     return proc.stdout
+
+
+def _processes_with(marker: str) -> list[int]:
+    """PIDs of the processes whose environment holds ``marker`` (a run's own cache path)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker.encode() in (proc / "environ").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _wait_until_gone(marker: str, timeout: float = 60) -> None:
+    """Wait until no process of the killed sweep is left: its Ray workers notice their
+    raylet's death and exit on their own; one still running would keep writing its run."""
+    deadline = time.monotonic() + timeout
+    while _processes_with(marker):
+        if time.monotonic() > deadline:
+            pytest.fail(f"processes of the killed sweep still running: {_processes_with(marker)}")
+        time.sleep(0.2)
 
 
 def _committed(run: storage.Location) -> dict:
@@ -138,8 +163,9 @@ def s3_run(s3_server, tmp_path_factory):
                     pytest.fail("timed out waiting for a finished and a part-way stage-2 trial")
                 time.sleep(0.5)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray, its trials
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray
             proc.wait()
+        _wait_until_gone(env["CXR_RAY_CACHE"])  # its trial processes too
         interrupted = [r.name for r in part_way()]  # as the kill left them
         before = {f"{r.path}": _committed(r)["files"][paths.SUMMARY_FILE]
                   for r in finished("stage1") + finished("stage2")}
@@ -182,6 +208,13 @@ def test_the_shard_set_and_every_trial_are_committed_to_the_store(s3_run):
     for cohort in ("Cardiomegaly", "Effusion"):
         found = (exp / paths.LR_FIND_DIR / cohort / paths.LR_FIND_FILE).read_json()
         assert found["cohort"] == cohort and 0 < found["base_lr"] <= found["max_lr"]
+        assert found["workers"] == 2  # measured in the Ray Train fit, committed by rank 0
+        trial = (exp / "stage1" / cohort / paths.TRIAL_FILE).read_json()
+        assert trial["launcher"] == "ray_train" and trial["fits"] == 1
+        # Ray Train's own storage is the run's .ray_train/ folder; cxr-ray's files are the run's
+        assert any(rel.startswith(f"stage1/{cohort}/.ray_train/") for rel in exp.files())
+        assert not [f for f in _committed(exp / "stage1" / cohort)["files"]
+                    if f.startswith(".ray_train/")]
     assert (exp / paths.RECIPE_FILE).read_json()["experiment"]["storage_path"].startswith("s3://")
     assert any(rel.startswith("tune/stage2/") for rel in exp.files())  # Tune's own state
 
