@@ -25,6 +25,11 @@ An experiment directory (``storage_path/name`` of a sweep recipe)::
     EXP/tune/<stage>/                Tune's own experiment state (driver resume)
     EXP/sweep_log.jsonl              one line per stage run: trials, concurrency, seconds
     EXP/report/                      results.csv, report.md, plots
+
+In an object store (``storage_path = "s3://…"``) the same layout, plus each writer's commit
+marker ``.cxr-ray-sync.json`` (in EXP/ and in every run and LR range test folder) and Ray
+Train's own ``.ray_train/`` in each Ray Train run; everything here is then read and written
+in a local copy (:mod:`cxr_ray.storage`, :mod:`cxr_ray.sweep.remote`).
 """
 
 from __future__ import annotations

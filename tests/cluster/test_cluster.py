@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 CLUSTER_RECIPE = ROOT / "jobs" / "cluster.toml"
 SECTION = "## Running on a Ray cluster"
+S3_SECTION = "## Running on a Ray cluster with S3 storage"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -236,17 +237,17 @@ def test_cluster_recipe_is_the_paper_recipe_plus_worker_resources():
 
 
 # --------------------------------------------------------------------------- README
-def _section() -> str:
+def _section(title: str = SECTION) -> str:
     text = (ROOT / "README.md").read_text()
-    assert SECTION in text
-    body = text[text.index(SECTION) + len(SECTION):]
+    assert title + "\n" in text
+    body = text[text.index(title + "\n") + len(title):]
     return body[:body.index("\n## ")] if "\n## " in body else body
 
 
-def _commands() -> list[list[str]]:
+def _commands(title: str = SECTION) -> list[list[str]]:
     """Every command of the section's bash blocks, continuations joined, comments dropped."""
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", _section(), flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", _section(title), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             if words:
@@ -320,6 +321,36 @@ def test_readme_cluster_commands_run_as_written(prepared, recipe):
         assert params["job_id"] in ids
     for params in seen["rsync-down"]:
         assert params["source"].startswith(exp_dir + "/")
+
+
+def test_readme_s3_variant_is_the_cluster_recipe_on_a_bucket(recipe):
+    """The S3 section's jobs parse with the real CLIs and run the cluster recipe unchanged
+    but for where its shards and experiment live."""
+    entry: dict[str, list] = {}
+    for words in _commands(S3_SECTION):
+        if words[:2] == ["export", "RAY_AUTH_MODE=token"]:
+            continue
+        from ray.scripts.scripts import cli as ray_cli
+
+        args = _ray(words)
+        assert args is not None and args[:2] == ["job", "submit"], shlex.join(words)
+        params = ray_cli.commands["job"].commands["submit"].make_context(
+            "submit", list(args[2:])).params
+        ns = cli.build_parser().parse_args(list(params["entrypoint"])[1:])
+        entry.setdefault(ns.command, []).append(ns)
+    assert set(entry) == {"prepare", "sweep", "report"}
+    (prep,) = entry["prepare"]
+    for ns in entry["sweep"]:
+        loaded = config.load_recipe(ROOT / ns.config, cli._parse_overrides(ns.set))
+        assert loaded.experiment.storage_path.startswith("s3://")
+        assert loaded.experiment.shards == str(prep.out)
+        theirs, mine = loaded.to_dict(), recipe.to_dict()
+        for d in (theirs, mine):
+            d["experiment"] = {k: v for k, v in d["experiment"].items()
+                               if k not in ("storage_path", "shards")}
+        assert theirs == mine
+        assert str(entry["report"][0].experiment) == loaded.experiment_uri
+    assert any(ns.resume for ns in entry["sweep"])
 
 
 def test_readme_names_the_one_time_aws_steps(raw):
