@@ -557,6 +557,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from cxr_ray.sweep import status
 
     result = status.experiment_status(_local_experiment(args.experiment))
+    result["experiment"] = str(args.experiment)  # the URI, not its local copy
     print(json.dumps(result, indent=2) if args.json else status.format_status(result))
     return 0
 
@@ -581,9 +582,14 @@ def _local_experiment(experiment: Path | str) -> Path:
     """An experiment directory to read: itself, or a local copy of what an object-store
     experiment has committed (no checkpoints)."""
     if storage.is_uri(experiment):
+        from cxr_ray import paths
         from cxr_ray.sweep import remote
 
-        return remote.pull_experiment(str(experiment))
+        local = remote.pull_experiment(str(experiment))
+        if not (local / paths.RECIPE_FILE).is_file():
+            raise UserError(f"{experiment}: no cxr-ray experiment committed there (no "
+                            f"{paths.RECIPE_FILE}); pass storage_path/name of a sweep's recipe")
+        return local
     return Path(experiment)
 
 

@@ -171,6 +171,9 @@ def setup(experiment: str | Path, images: str | Path, *, cohorts: list[str] | No
     uri = str(experiment) if storage.is_uri(experiment) else None
     if uri:  # an object-store experiment: its committed files, then the chosen checkpoints
         local = remote.pull_experiment(uri)
+        if not (local / "recipe.json").is_file():
+            raise UserError(f"{uri}: no cxr-ray experiment committed there (no recipe.json); "
+                            "pass storage_path/name of a sweep's recipe")
         chosen = select_models(local, cohorts, kept_checkpoints=remote.committed_checkpoints(uri))
         remote.pull_files(uri, [Path(m.checkpoint).relative_to(local).as_posix()
                                 for m in chosen.values()])

@@ -120,6 +120,18 @@ def test_skipped_prefixes_belong_to_other_writers(remote, tmp_path):
     assert (exp / "stage1" / "run" / "history.jsonl").is_file()  # not the driver's to remove
 
 
+def test_the_endpoint_may_come_from_the_uri(s3_server, monkeypatch, tmp_path):
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    host = s3_server["AWS_ENDPOINT_URL"].removeprefix("http://")
+    folder = storage.locate(f"s3://cxr/query-{os.getpid()}?endpoint_override={host}&scheme=http")
+    (folder / "a" / "b.txt").write_text("hi")
+    assert str(folder / "a") == f"s3://cxr/query-{os.getpid()}/a"  # messages drop the query
+    assert (folder / "a" / "b.txt").read_text() == "hi"
+    assert set(folder.files()) == {"a/b.txt"}
+
+
 def test_cache_paths_are_stable_and_distinct(monkeypatch, tmp_path):
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path))
     a = storage.cache_dir("s3://b/exp")
@@ -167,3 +179,18 @@ def test_a_shard_set_prepared_into_s3_reads_like_a_local_one(s3_env, tmp_path, m
     (store / first).delete()
     with pytest.raises(UserError, match=rf"is damaged: 1 file\(s\) listed .* e.g. {first}"):
         shard_io.open_shards(uri)
+
+
+@pytest.mark.parametrize("command", [["status"], ["report"],
+                                     ["predict", "--images", ".", "--out", "p.csv",
+                                      "--launcher", "process"]])
+def test_readers_name_the_uri_when_nothing_is_committed_there(command, s3_env, tmp_path,
+                                                             monkeypatch, capsys):
+    from cxr_ray import cli
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path))
+    uri = f"s3://cxr/never-{os.getpid()}/exp"
+    assert cli.main([command[0], "--experiment", uri, *command[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"{uri}: no cxr-ray experiment committed there (no recipe.json); "
+                            "pass storage_path/name of a sweep's recipe"), err
