@@ -87,8 +87,8 @@ class PrepareConfig:
     data: Path
     """Data directory: the images anywhere below it (``images/*.png``, NIH's
     ``images_001/images/*.png``, ...), the metadata CSV and the official split lists."""
-    out: Path
-    """Shard directory (``SHARDS``)."""
+    out: Path | str
+    """Shard directory (``SHARDS``), or an object-store URI (``s3://bucket/shards``)."""
     size: int = 224
     """Side of the square training resolution, in pixels."""
     metadata: Path | None = None
@@ -106,6 +106,8 @@ class PrepareConfig:
     """Testing aid: sleep this long per decoded batch (lets a test kill a run mid-way)."""
 
     def __post_init__(self) -> None:
+        if not storage.is_uri(self.out):
+            object.__setattr__(self, "out", Path(self.out))  # a local path given as str
         if not 8 <= self.size <= 4096:
             raise UserError(f"--size {self.size}: must be between 8 and 4096 pixels")
         if self.shard_rows is not None and self.shard_rows < 1:
