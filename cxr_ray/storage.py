@@ -67,6 +67,7 @@ def check_uri(text: str, what: str) -> None:
 
 
 _FILESYSTEMS: dict[str, pafs.FileSystem] = {}
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")
 
 
 @dataclass(frozen=True)
@@ -166,12 +167,15 @@ def locate(uri: str | os.PathLike[str]) -> Location:
         return Location(pafs.LocalFileSystem(), str(path), str(path))
     check_uri(text, "location")
     parts = urlsplit(text)
-    key = f"{parts.scheme}://{parts.netloc}?{parts.query}"
+    # One filesystem object per bucket and settings (an S3 client is not free to make); the
+    # path in a bucket store is bucket/key. Other schemes resolve every time.
+    key = f"{parts.scheme}://{parts.netloc}?{parts.query}|{os.environ.get('AWS_ENDPOINT_URL')}"
     try:
-        fs = _FILESYSTEMS.get(key)
+        fs = _FILESYSTEMS.get(key) if parts.scheme in _BUCKET_SCHEMES else None
         if fs is None:
             fs, path = pafs.FileSystem.from_uri(text)
-            _FILESYSTEMS[key] = fs
+            if parts.scheme in _BUCKET_SCHEMES:
+                _FILESYSTEMS[key] = fs
         else:
             path = f"{parts.netloc}{parts.path}"
     except (ValueError, OSError) as exc:
@@ -191,9 +195,10 @@ def check_writable(location: Location) -> None:
         probe.delete()
     except OSError as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise UserError(f"cannot write to {location}: {first.rstrip('.')}; check that the bucket exists, "
-                        "the credentials (AWS_ACCESS_KEY_ID/…, ~/.aws, instance profile) and the "
-                        "endpoint (AWS_ENDPOINT_URL or ?endpoint_override=)") from None
+        raise UserError(f"cannot write to {location}: {first.rstrip('.')}; check that the "
+                        "bucket exists, the credentials (AWS_ACCESS_KEY_ID/…, ~/.aws, instance "
+                        "profile) and the endpoint (AWS_ENDPOINT_URL or ?endpoint_override=)"
+                        ) from None
 
 
 def cache_dir(uri: str) -> Path:

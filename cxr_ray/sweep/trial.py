@@ -70,7 +70,8 @@ def _pull(spec: TrialSpec, uri: str) -> tuple[storage.Mirror, list[storage.Mirro
     """An object-store experiment: this trial's run (and LR range test) folders made equal to
     their last commit, and stage 2's stage-1 run fetched; (the run's mirror, the others this
     trial writes)."""
-    own = remote.run_mirror(uri, f"{spec.stage}/{spec.run_name}", skip=(f"{remote.RAY_TRAIN_DIR}/",))
+    own = remote.run_mirror(uri, f"{spec.stage}/{spec.run_name}",
+                            skip=(f"{remote.RAY_TRAIN_DIR}/",))
     own.pull()
     writes = []
     if spec.lr_find is not None:
@@ -152,12 +153,18 @@ def run_trial(spec: TrialSpec, experiment: str | Path, fit: Fit, *, launcher: st
         found = paths.read_json(Path(lr_find.out) / paths.LR_FIND_FILE) or {}
         log.info("%s: LR range test suggests base %.3g, max %.3g", spec.run_name,
                  found.get("base_lr", math.nan), found.get("max_lr", math.nan))
-    for mirror in writes:  # the LR range test committed before the trial's end
-        mirror.refresh()
+    # A Ray Train fit's rank 0 committed the run and the LR range test under its own name:
+    # the trial takes them back (refresh) to add trial.json. In-trial, this process wrote
+    # every commit, and a commit by anyone else means it was presumed dead (fencing).
+    handed_back = launcher != "process"
+    for mirror in writes:  # the LR range test committed before the trial is
+        if handed_back:
+            mirror.refresh()
         mirror.push()
     paths.write_json(paths.run_dir(experiment, spec.stage, spec.run_name) / paths.TRIAL_FILE,
                      trial)  # written last: its presence marks a finished trial
     if own is not None:
-        own.refresh()
+        if handed_back:
+            own.refresh()
         own.push()
     return trial["metrics"]
