@@ -71,7 +71,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if plan.gpu and device.type != "cuda":
         device = runs.device_for(True)  # one-line error (or the test-only CPU fallback)
 
-    mirrors = _remote_mirrors(config.get("remote"), plan) if rank == 0 else {}
+    mirrors = _remote_mirrors(config.get("remote")) if rank == 0 else {}
     if "run" in mirrors:  # an object-store run: the last commit is the truth
         mirrors["run"].pull()
         store = ck.CheckpointStore(Path(plan.run_dir), keep=config["keep_checkpoints"],
@@ -137,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         mirror.push()
 
 
-def _remote_mirrors(remote: dict[str, str] | None, plan: RunPlan) -> dict[str, Any]:
+def _remote_mirrors(remote: dict[str, str] | None) -> dict[str, Any]:
     """Rank 0's mirrors of an object-store run: ``run`` (and ``lr_find``), see the module
     docstring; none for a run in a directory."""
     if not remote:
@@ -151,11 +151,10 @@ def _remote_mirrors(remote: dict[str, str] | None, plan: RunPlan) -> dict[str, A
     return out
 
 
-def _pull_committed(remote: dict[str, str] | None, plan: RunPlan) -> None:
+def _pull_committed(remote: dict[str, str] | None) -> None:
     """After a fit of an object-store run: what rank 0 committed, wherever it ran."""
-    for mirror in _remote_mirrors(remote, plan).values():
+    for mirror in _remote_mirrors(remote).values():
         mirror.pull()
-
 
 
 def trainer(config: TrainConfig, plan: RunPlan, run_dir: Path, *,
@@ -217,14 +216,14 @@ def fit(config: TrainConfig, *, storage_path: str | Path, name: str, resume: boo
             try:
                 fitter.fit()
             except ray.train.TrainingFailedError as exc:
-                _pull_committed(remote, plan)
+                _pull_committed(remote)
                 lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
                 cause = lines[-1] if lines else type(exc).__name__
                 done_now = len(paths.read_jsonl(run_dir / paths.HISTORY_FILE))
                 raise UserError(f"training failed after epoch {done_now} of {plan.epochs} "
                                 f"({cause}); re-run the same command to resume from the last "
                                 "checkpoint") from exc
-            _pull_committed(remote, plan)
+            _pull_committed(remote)
     return runs.finish_run(config, plan, run_dir, done, t0=t0, started=started,
                            launcher="ray_train")
 
