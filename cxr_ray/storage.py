@@ -56,6 +56,14 @@ def is_uri(location: str | os.PathLike[str]) -> bool:
 SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 
 
+def join(location: str | os.PathLike[str], *names: str) -> str:
+    """``location/name/…`` for a local path or a URI, keeping a URI's ``?query`` (its
+    endpoint settings) at the end."""
+    head, sep, query = str(location).partition("?") if is_uri(location) else \
+        (str(location), "", "")
+    return "/".join([head.rstrip("/"), *(n.strip("/") for n in names)]) + sep + query
+
+
 def check_uri(text: str, what: str) -> None:
     """A one-line error unless ``text`` is a URI of a store pyarrow can open (checked
     without touching the network)."""

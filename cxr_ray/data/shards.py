@@ -107,16 +107,11 @@ def open_shards(path: str | Path, expect_size: int | None = None) -> Shards:
     if expect_size is not None and shards.size != expect_size:
         raise UserError(f"{root} was prepared for {shards.size}, asked for {expect_size}: "
                         f"re-run cxr-ray prepare --size {expect_size} (into another --out)")
-    present = set((root / IMAGES).files()) if storage.is_uri(path) else None
-    present_cohorts = set((root / COHORTS_DIR).files()) if storage.is_uri(path) else None
-
-    def there(folder: str, name: str, known: set[str] | None) -> bool:
-        return name in known if known is not None else (root / folder / name).is_file()
-
-    missing = [s["file"] for s in manifest.get("shards", [])
-               if not there(IMAGES, s["file"].split("/", 1)[-1], present)]
+    present = {f"{folder}/{name}" for folder in (IMAGES, COHORTS_DIR)
+               for name in (root / folder).files()}  # one listing each, local or remote
+    missing = [s["file"] for s in manifest.get("shards", []) if s["file"] not in present]
     missing += [f"{COHORTS_DIR}/{c}.parquet" for c in manifest.get("cohorts", {})
-                if not there(COHORTS_DIR, f"{c}.parquet", present_cohorts)]
+                if f"{COHORTS_DIR}/{c}.parquet" not in present]
     if missing:
         raise UserError(f"{root} is damaged: {len(missing)} file(s) listed in {MANIFEST} are "
                         f"missing, e.g. {missing[0]}; re-run cxr-ray prepare --force --out {root}")

@@ -172,10 +172,10 @@ def trainer(config: TrainConfig, plan: RunPlan, run_dir: Path, *,
                                    "remote": remote}
     storage_path, name = str(run_dir.parent), run_dir.name
     if remote:
-        head, sep, query = remote["uri"].partition("?")
+        from cxr_ray import storage
         from cxr_ray.sweep.remote import RAY_TRAIN_DIR
 
-        storage_path, name = f"{head}/{remote['run']}{sep}{query}", RAY_TRAIN_DIR
+        storage_path, name = storage.join(remote["uri"], remote["run"]), RAY_TRAIN_DIR
     if plan.augment_on == "trainer":  # the splits in the object store; the workers shard them
         sh = shard_io.open_shards(plan.shards)
         loop_config["data"] = {split: ray.put(shard_io.read_split(sh, plan.cohort, split))

@@ -184,20 +184,17 @@ def run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: Pa
         return
     t0, started = time.perf_counter(), time.time()
     trainable = tune.with_resources(_trial, trial_resources)
-    where = recipe.experiment_uri
-    if mirror is not None:  # Tune keeps its own state in the store (Ray syncs it)
-        head, sep, query = where.partition("?")
-        path = f"{head}/{paths.TUNE_DIR}/{stage}{sep}{query}"
-    else:
-        path = experiment / paths.TUNE_DIR / stage
+    where = recipe.experiment_uri  # in an object store Tune keeps its state there itself
+    tune_root = storage.join(where, paths.TUNE_DIR)
+    path = storage.join(tune_root, stage)
     n = concurrency(recipe, specs[0].train)
     launcher = launcher_of(specs[0].train)
     log.info("%s: %d trials, %d at a time (%s)", stage, len(specs), n,
              "in their Tune trials" if launcher == "process" else "each a Ray Train fit")
     with _quiet_tune():
-        if tune.Tuner.can_restore(str(path)):
-            log.info("%s: resuming the Tune experiment in %s", stage, path)
-            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+        if tune.Tuner.can_restore(path):
+            log.info("%s: resuming the Tune experiment in %s", stage, path.partition("?")[0])
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                        restart_errored=True)
         else:
             tuner = tune.Tuner(
@@ -212,7 +209,7 @@ def run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: Pa
                     trial_name_creator=lambda t: t.config["spec"]["run_name"],
                     trial_dirname_creator=lambda t: t.config["spec"]["run_name"]),
                 run_config=tune.RunConfig(
-                    name=stage, storage_path=_parent_uri(str(path)),
+                    name=stage, storage_path=tune_root,
                     callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
                                _Progress(stage, len(specs))],
                     failure_config=tune.FailureConfig(max_failures=1), verbose=0),
@@ -228,13 +225,6 @@ def run_stage(recipe: Recipe, stage: str, specs: list[TrialSpec], experiment: Pa
         first = failed[0]
         raise RuntimeError(f"{stage}: {len(failed)} of {len(results)} trials failed; first: "
                            f"{first.path}: {str(first.error).strip().splitlines()[-1]}")
-
-
-def _parent_uri(path: str) -> str:
-    """``storage_path`` of a Tune experiment at ``path`` (a directory or a URI with an
-    optional ``?query``)."""
-    head, sep, query = path.partition("?")
-    return f"{head.rsplit('/', 1)[0]}{sep}{query}"
 
 
 def run_sweep(recipe: Recipe, *, resume: bool = False, address: str | None = None) -> Path:

@@ -183,8 +183,7 @@ class Recipe:
         object-store URI (``s3://bucket/prefix/name``)."""
         base = str(self.experiment.storage_path)
         if storage.is_uri(base):
-            head, sep, query = base.partition("?")
-            return f"{head.rstrip('/')}/{self.experiment.name}{sep}{query}"
+            return storage.join(base, self.experiment.name)
         return str((Path(base).expanduser() / self.experiment.name).resolve())
 
     @property

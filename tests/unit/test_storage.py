@@ -132,6 +132,13 @@ def test_the_endpoint_may_come_from_the_uri(s3_server, monkeypatch, tmp_path):
     assert set(folder.files()) == {"a/b.txt"}
 
 
+def test_join_keeps_a_uris_query_last():
+    assert storage.join("s3://b/exp?endpoint_override=h:1&scheme=http", "tune", "stage1") == \
+        "s3://b/exp/tune/stage1?endpoint_override=h:1&scheme=http"
+    assert storage.join("s3://b/exp/", "/run/") == "s3://b/exp/run"
+    assert storage.join("/tmp/exp", "tune") == "/tmp/exp/tune"
+
+
 def test_cache_paths_are_stable_and_distinct(monkeypatch, tmp_path):
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path))
     a = storage.cache_dir("s3://b/exp")
