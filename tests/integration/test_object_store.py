@@ -92,13 +92,19 @@ def _processes_with(marker: str) -> list[int]:
     return pids
 
 
-def _wait_until_gone(marker: str, timeout: float = 60) -> None:
-    """Wait until no process of the killed sweep is left: its Ray workers notice their
-    raylet's death and exit on their own; one still running would keep writing its run."""
+def _kill_all(marker: str, timeout: float = 60) -> None:
+    """SIGKILL every process left of the killed sweep (its Ray workers would otherwise run
+    on until they notice their raylet is gone, and could finish the trial the test means
+    to resume) and wait until none is left."""
     deadline = time.monotonic() + timeout
-    while _processes_with(marker):
+    while pids := _processes_with(marker):
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         if time.monotonic() > deadline:
-            pytest.fail(f"processes of the killed sweep still running: {_processes_with(marker)}")
+            pytest.fail(f"processes of the killed sweep still running: {pids}")
         time.sleep(0.2)
 
 
@@ -165,7 +171,7 @@ def s3_run(s3_server, tmp_path_factory):
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray
             proc.wait()
-        _wait_until_gone(env["CXR_RAY_CACHE"])  # its trial processes too
+        _kill_all(env["CXR_RAY_CACHE"])  # its trial processes too
         interrupted = [r.name for r in part_way()]  # as the kill left them
         before = {f"{r.path}": _committed(r)["files"][paths.SUMMARY_FILE]
                   for r in finished("stage1") + finished("stage2")}
