@@ -92,6 +92,10 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and drawing")
     p.add_argument("--workers", type=int, default=None,
                    help="processes drawing images (default: all cores)")
+    p.add_argument("--single-finding", action="store_true",
+                   help="controlled variant: only rows naming one label, no label noise, so "
+                   "a finding's drawn shape alone tells its images from No Finding (for "
+                   "checking where heatmaps point)")
     _metadata_flag(p)
     p.set_defaults(func=_cmd_synth)
 
@@ -101,7 +105,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     result = synth.write_dataset(
         args.out, per_class=args.per_class, size=args.size, seed=args.seed,
-        metadata=args.metadata, workers=args.workers,
+        metadata=args.metadata, workers=args.workers, single_finding=args.single_finding,
     )
     print(f"wrote {result.images} images ({result.megabytes:.1f} MB) to {result.out} "
           f"in {result.seconds:.1f} s ({result.images / max(result.seconds, 1e-9):.1f} images/s)")

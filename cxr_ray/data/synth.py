@@ -77,16 +77,21 @@ class SynthResult:
 
 
 # ----------------------------------------------------------------------------- metadata
-def sample_rows(meta: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
+def sample_rows(meta: pd.DataFrame, per_class: int, seed: int,
+                single_finding: bool = False) -> pd.DataFrame:
     """Real metadata rows: ``per_class`` images carrying each disease, plus No Finding.
 
     Diseases are drawn rarest first without replacement, so multi-label rows count
     for every class they name.  As many No Finding rows as disease rows are drawn
     (the real table is 54 % No Finding), so every binary cohort can have 1:1
-    negatives and the one-class cohort is about balanced.
+    negatives and the one-class cohort is about balanced.  ``single_finding``: only
+    rows naming one label are drawn (each disease still has ``per_class`` of them
+    where the real table has that many).
     """
     if per_class < 1:
         raise UserError(f"--per-class {per_class}: must be at least 1")
+    if single_finding:
+        meta = meta[~meta[nih.FINDINGS].str.contains("|", regex=False)].reset_index(drop=True)
     rng = np.random.default_rng([seed, 0x5EED])
     taken = np.zeros(len(meta), dtype=bool)
     for disease in sorted(nih.DISEASES, key=lambda d: int(meta[d].sum())):
@@ -164,13 +169,15 @@ class _Anatomy:
 
 
 def draw_image(image_index: str, findings: tuple[str, ...], size: int, seed: int,
-               boxes: list[tuple[str, float, float, float, float]] | None = None) -> np.ndarray:
+               boxes: list[tuple[str, float, float, float, float]] | None = None,
+               label_noise: bool = True) -> np.ndarray:
     """One synthetic chest X-ray as uint8 (size, size); depends only on its arguments.
 
     ``boxes``, when given, receives where each reported finding was drawn, as ``(label, x,
     y, w, h)`` in pixels (the layout of NIH's ``BBox_List_2017.csv``): one box per drawn
     shape (several for Nodule and Infiltration, both lungs for Edema, Emphysema and
-    Fibrosis). Findings the report missed (the label noise of No Finding images) get none."""
+    Fibrosis). Findings the report missed (the label noise of No Finding images) get none;
+    ``label_noise=False`` draws none (every No Finding image is clean)."""
     rng = np.random.default_rng([seed, zlib.crc32(image_index.encode())])
     c = _Canvas(size)
     s = size
@@ -221,7 +228,8 @@ def draw_image(image_index: str, findings: tuple[str, ...], size: int, seed: int
             c.box("Emphysema", cx - rx, cy - ry, cx + rx, cy + ry)
 
     # Label noise: some No Finding images carry a finding the report missed.
-    if has == {nih.NO_FINDING} and u(0.0, 1.0) < UNREPORTED:
+    # (drawn whether or not it is used, so the rest of the image is the same either way)
+    if has == {nih.NO_FINDING} and u(0.0, 1.0) < UNREPORTED and label_noise:
         findings = (UNREPORTABLE[int(rng.integers(len(UNREPORTABLE)))],)
         unreported = u(*UNREPORTED_CONTRAST)
 
@@ -321,11 +329,11 @@ def draw_image(image_index: str, findings: tuple[str, ...], size: int, seed: int
 
 
 # ----------------------------------------------------------------------------- writing
-def _write_one(job: tuple[str, tuple[str, ...], int, int, str]
+def _write_one(job: tuple[str, tuple[str, ...], int, int, str, bool]
                ) -> tuple[int, list[tuple[str, float, float, float, float]]]:
-    image_index, findings, size, seed, folder = job
+    image_index, findings, size, seed, folder, label_noise = job
     boxes: list[tuple[str, float, float, float, float]] = []
-    pixels = draw_image(image_index, findings, size, seed, boxes)
+    pixels = draw_image(image_index, findings, size, seed, boxes, label_noise)
     path = Path(folder) / image_index
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(pixels, mode="L").save(tmp, format="PNG", compress_level=6)
@@ -367,17 +375,22 @@ def write_split_lists(rows: pd.DataFrame, out: Path, seed: int, test_fraction: f
 
 
 def write_dataset(out: str | Path, *, per_class: int = 40, size: int = 1024, seed: int = 0,
-                  metadata: str | Path | None = None, workers: int | None = None) -> SynthResult:
-    """Write the embedded data set to ``out`` and return what was written."""
+                  metadata: str | Path | None = None, workers: int | None = None,
+                  single_finding: bool = False) -> SynthResult:
+    """Write the embedded data set to ``out`` and return what was written.
+
+    ``single_finding``: a controlled variant for checking what a model looks at (the
+    heatmaps' tests): only real rows naming one label, and no label noise, so a
+    finding's drawn shape is the only thing that tells its images from No Finding."""
     if size < 32:
         raise UserError(f"--size {size}: images must be at least 32 pixels")
     out = Path(out)
     start = time.perf_counter()
-    rows = sample_rows(nih.load_metadata(metadata), per_class, seed)
+    rows = sample_rows(nih.load_metadata(metadata), per_class, seed, single_finding)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     findings = rows[nih.FINDINGS].str.split("|")
-    jobs = [(name, tuple(f), size, seed, str(images))
+    jobs = [(name, tuple(f), size, seed, str(images), not single_finding)
             for name, f in zip(rows[nih.IMAGE], findings)]
     workers = workers or os.cpu_count() or 1
     total = 0

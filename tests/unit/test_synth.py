@@ -89,3 +89,21 @@ def test_boxes_say_where_each_reported_finding_was_drawn(tiny_synth):
             inside[int(y):int(np.ceil(y + h)), int(x):int(np.ceil(x + w))] = True
         diff = np.abs(img.astype(int) - base)
         assert found and diff[inside].mean() > 3 * diff[~inside].mean(), disease
+
+
+def test_single_finding_variant_has_one_label_per_row_and_no_label_noise(tmp_path):
+    from cxr_ray import cli
+
+    assert cli.main(["synth", "--out", str(tmp_path / "one"), "--per-class", "4", "--size", "32",
+                     "--workers", "1", "--single-finding"]) == 0
+    meta = nih.load_metadata(tmp_path / "one" / "Data_Entry_2017.csv")
+    assert not meta[nih.FINDINGS].str.contains("|", regex=False).any()
+    assert set(meta[nih.FINDINGS]) == set(nih.DISEASES) | {nih.NO_FINDING}
+    # No Finding images: the default draws an unreported finding into about a fifth of them;
+    # without label noise those (and only those) come out different.
+    names = [f"{i:08d}_000.png" for i in range(1, 41)]
+    differ = [n for n in names
+              if not np.array_equal(synth.draw_image(n, (nih.NO_FINDING,), 64, 0),
+                                    synth.draw_image(n, (nih.NO_FINDING,), 64, 0,
+                                                     label_noise=False))]
+    assert 2 <= len(differ) <= 16
