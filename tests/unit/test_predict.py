@@ -19,7 +19,7 @@ from cxr_ray import paths
 from cxr_ray.data import decode, nih
 from cxr_ray.errors import UserError
 from cxr_ray.predict import output
-from cxr_ray.predict.engine import Predictor, cam_layer, load_model
+from cxr_ray.predict.engine import Predictor, cam_layers, load_model
 from cxr_ray.predict.inputs import list_inputs, read_input
 from cxr_ray.predict.select import recipe_hash, select_models
 
@@ -182,8 +182,12 @@ def test_heatmaps_per_image_and_cohort_from_a_7x7_or_larger_map(experiment, inpu
                                                                   tmp_path):
     chosen = select_models(experiment)
     net = load_model(chosen["Effusion"], "cpu")
-    name, _, shape = cam_layer(net, 32)
-    assert name.startswith("backbone.features.") and min(shape) >= 7  # at 32²: 8x8
+    # at 32² the stride-8 map is 4x4: the deepest block of at least 7x7 alone (8x8)
+    assert [(n, s) for n, _, s in cam_layers(net, 32)] == [("backbone.features.3", (8, 8))]
+    # at 224²: the last block of the stride-8, -16 and -32 stages
+    assert [(n, s) for n, _, s in cam_layers(net, 224)] == [
+        ("backbone.features.5", (28, 28)), ("backbone.features.11", (14, 14)),
+        ("backbone.features.13", (7, 7))]
     frame, _ = output.predict_in_process(experiment, inputs["dir"], tmp_path / "p.csv",
                                          heatmaps=str(tmp_path / "maps"),
                                          heatmap_cohorts=["Effusion", "OneClass"])
