@@ -49,9 +49,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
 
 from cxr_ray import metrics
+
+
+def _sps() -> Any:
+    """``scipy.stats``, imported on first use: it takes most of a second, and processes that
+    only predict (Ray Data's actors) never need it."""
+    from scipy import stats
+
+    return stats
 
 #: Default decision threshold (Keras ``binary_accuracy``), also Youden's fallback.
 DEFAULT_THRESHOLD = metrics.THRESHOLD
@@ -62,7 +69,7 @@ def _z(level: float) -> float:
     """Two-sided normal quantile ``z_{(1+level)/2}``."""
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    return float(sps.norm.ppf(0.5 + level / 2.0))
+    return float(_sps().norm.ppf(0.5 + level / 2.0))
 
 
 # ----------------------------------------------------------------------------- threshold
@@ -224,7 +231,7 @@ def delong_paired(scores_a: Any, scores_b: Any, labels: Any,
     var = _cov(d10, d10) / d10.size + _cov(d01, d01) / d01.size
     diff, se = float(a10.mean() - b10.mean()), math.sqrt(max(var, 0.0))
     if se > 0.0:
-        p = float(2.0 * sps.norm.sf(abs(diff) / se))
+        p = float(2.0 * _sps().norm.sf(abs(diff) / se))
     else:
         p = 1.0 if diff == 0.0 else 0.0
     half = _z(level) * se
@@ -245,7 +252,7 @@ def minimum_detectable_difference(n: int, discordant_fraction: float, *, alpha: 
     if n <= 0:
         return math.nan
     psi = max(float(discordant_fraction), 1.0 / n)
-    z = sps.norm.ppf(1.0 - alpha / 2.0) + sps.norm.ppf(power)
+    z = _sps().norm.ppf(1.0 - alpha / 2.0) + _sps().norm.ppf(power)
     return float(z * math.sqrt(psi / n))
 
 
@@ -253,7 +260,7 @@ def _mcnemar_exact(a_only: int, b_only: int) -> float:
     """Two-sided exact McNemar p-value; 1.0 without discordant images."""
     if a_only + b_only == 0:
         return 1.0
-    return float(sps.binomtest(a_only, a_only + b_only, 0.5).pvalue)
+    return float(_sps().binomtest(a_only, a_only + b_only, 0.5).pvalue)
 
 
 def paired_accuracy(correct_a: Any, correct_b: Any, groups: Any, *, level: float = 0.95,
@@ -312,7 +319,7 @@ def mean_ci(values: Any, level: float = 0.95) -> tuple[float, float, float]:
     if v.size == 1:
         return mean, math.nan, math.nan
     _z(level)  # validates level
-    half = float(sps.t.ppf(0.5 + level / 2.0, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    half = float(_sps().t.ppf(0.5 + level / 2.0, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
     return mean, mean - half, mean + half
 
 
