@@ -92,6 +92,14 @@ def _processes_with(marker: str) -> list[int]:
     return pids
 
 
+def _signal_all(marker: str, sig: int) -> None:
+    for pid in _processes_with(marker):
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
 def _kill_all(marker: str, timeout: float = 60) -> None:
     """SIGKILL every process left of the killed sweep (its Ray workers would otherwise run
     on until they notice their raylet is gone, and could finish the trial the test means
@@ -161,12 +169,21 @@ def s3_run(s3_server, tmp_path_factory):
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             deadline = time.monotonic() + 600
-            while not (finished("stage2") and part_way()):
+            while True:
                 if proc.poll() is not None:
                     pytest.fail(f"the sweep exited ({proc.returncode}) before it could be "
                                 f"killed mid-stage-2:\n{proc.stdout.read()[-4000:]}")
                 if time.monotonic() > deadline:
                     pytest.fail("timed out waiting for a finished and a part-way stage-2 trial")
+                if finished("stage2") and part_way():
+                    # Look again with the sweep frozen, so the state that decides the kill
+                    # is the state killed (a trial a few epochs from its end could finish
+                    # between a look and the kill). Only then: Ray does not take well to
+                    # being frozen while it starts workers.
+                    _signal_all(env["CXR_RAY_CACHE"], signal.SIGSTOP)
+                    if finished("stage2") and part_way():
+                        break
+                    _signal_all(env["CXR_RAY_CACHE"], signal.SIGCONT)
                 time.sleep(0.5)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray
