@@ -92,12 +92,15 @@ def _processes_with(marker: str) -> list[int]:
     return pids
 
 
-def _signal_all(marker: str, sig: int) -> None:
-    for pid in _processes_with(marker):
+def _signal_all(marker: str, sig: int) -> list[int]:
+    """Send ``sig`` to every process marked with ``marker``; → their PIDs."""
+    pids = _processes_with(marker)
+    for pid in pids:
         try:
             os.kill(pid, sig)
         except OSError:
             pass
+    return pids
 
 
 def _kill_all(marker: str, timeout: float = 60) -> None:
@@ -105,12 +108,7 @@ def _kill_all(marker: str, timeout: float = 60) -> None:
     on until they notice their raylet is gone, and could finish the trial the test means
     to resume) and wait until none is left."""
     deadline = time.monotonic() + timeout
-    while pids := _processes_with(marker):
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+    while pids := _signal_all(marker, signal.SIGKILL):
         if time.monotonic() > deadline:
             pytest.fail(f"processes of the killed sweep still running: {pids}")
         time.sleep(0.2)
